@@ -1,0 +1,156 @@
+"""`olacache info` and `olacache verify`: what a store holds, and whether it is whole and faithful."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from olacache.store import FAILED, FORMAT_VERSION, MISSING, OK, EmbeddingStore, image_set_fingerprint
+
+
+def store_info(url: str) -> dict[str, Any]:
+    """One JSON-able object describing the store; per teacher at least shape, dtype, n_ok, n_failed,
+    n_missing, bytes (the `--json` contract for scripts)."""
+    with EmbeddingStore.open(url, mode="r") as s:
+        out: dict[str, Any] = {
+            "store": str(url),
+            "format": s.format,
+            "format_version": s.attrs.get("format_version"),
+            "created_by": s.attrs.get("created_by"),
+            "n_images": s.n_images,
+            "shard_size": s.shard_size,
+            "n_shards": s.n_shards,
+            "fingerprint": s.fingerprint,
+            "bytes": s.nbytes(),
+            "teachers": {},
+        }
+        for t in s.teachers:
+            a = s.teacher_attrs(t)
+            st = s.status(t)
+            nbytes = s.nbytes(t)
+            ident = a.get("identity", {})
+            out["teachers"][t] = {
+                "shape": list(s.target_shape(t)),
+                "dtype": a.get("dtype"),
+                "codec": a.get("codec", "raw"),
+                "weights": ident.get("source"),
+                "weights_sha256": ident.get("weights_sha256"),
+                "random_init": bool(ident.get("random_init", False)),
+                "n_ok": int((st == OK).sum()),
+                "n_failed": int((st == FAILED).sum()),
+                "n_missing": int((st == MISSING).sum()),
+                "shards_complete": int(s.complete_shards(t).sum()),
+                "bytes": nbytes,
+                "bytes_per_image": nbytes / max(1, s.n_images),
+                "int8_cosine_mean": a.get("int8_cosine_mean"),
+                "int8_cosine_min": a.get("int8_cosine_min"),
+                "spec": a.get("spec"),
+            }
+        return out
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+PARITY_MIN = {"float16": 0.999, "int8": 0.99}
+
+
+def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None, device: str = "cpu",
+                 seed: int = 0) -> VerifyReport:
+    rep = VerifyReport(str(url))
+    with EmbeddingStore.open(url, mode="r") as s:
+        if s.attrs.get("format_version") != FORMAT_VERSION:
+            rep.problems.append(f"format_version {s.attrs.get('format_version')} != supported {FORMAT_VERSION}")
+        if len(s.image_paths) != s.n_images:
+            rep.problems.append(f"index holds {len(s.image_paths)} paths but n_images is {s.n_images}")
+        if image_set_fingerprint(s.image_paths) != s.fingerprint:
+            rep.problems.append("the index does not match the stored image-set fingerprint")
+        if len(set(s.image_paths)) != len(s.image_paths):
+            rep.problems.append("the index holds duplicate image paths")
+        if not s.teachers:
+            rep.warnings.append("the store has no teacher columns yet")
+        for t in s.teachers:
+            a = s.teacher_attrs(t)
+            st = s.status(t)
+            if len(st) != s.n_images:
+                rep.problems.append(f"{t}: status has {len(st)} rows, expected {s.n_images}")
+                continue
+            if tuple(a.get("target_shape", ())) != tuple(s.target_shape(t)):
+                rep.problems.append(f"{t}: attrs say shape {a.get('target_shape')}, array has {s.target_shape(t)}")
+            n_missing = int((st == MISSING).sum())
+            if n_missing:
+                done = s.complete_shards(t)
+                rep.problems.append(
+                    f"{t}: {n_missing} image(s) missing in {int((~done).sum())} incomplete shard(s) "
+                    "(an interrupted build: run the same `olacache build` again to finish it)"
+                )
+            bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED}
+            if bad_status:
+                rep.problems.append(f"{t}: unknown status codes {sorted(bad_status)}")
+            failed_paths = {p for p, _ in s.errors(t)}
+            n_failed = int((st == FAILED).sum())
+            if len(failed_paths) != n_failed:
+                rep.problems.append(f"{t}: {n_failed} failed rows but {len(failed_paths)} error records")
+            ok_rows = np.flatnonzero(st == OK)
+            if len(ok_rows):
+                rng = np.random.default_rng(seed)
+                probe = np.sort(rng.choice(ok_rows, size=min(64, len(ok_rows)), replace=False))
+                vals = s.read_rows(t, probe)
+                if not np.isfinite(vals).all():
+                    rep.problems.append(f"{t}: non-finite values among stored OK rows")
+            if recompute > 0 and len(ok_rows):
+                rep.parity[t] = _parity(s, t, ok_rows, recompute, image_root, device, seed)
+                lim = PARITY_MIN.get(a.get("dtype", "float16"), 0.999)
+                if rep.parity[t].get("error"):
+                    rep.problems.append(f"{t}: recompute failed: {rep.parity[t]['error']}")
+                elif rep.parity[t]["cosine_min"] < lim:
+                    rep.problems.append(
+                        f"{t}: recomputed targets differ from the store (min cosine "
+                        f"{rep.parity[t]['cosine_min']:.5f} < {lim}): different weights or preprocessing?"
+                    )
+    return rep
+
+
+def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: str | None, device: str,
+            seed: int) -> dict[str, Any]:
+    """Re-run the live teacher on k random OK images and compare with the stored targets."""
+    from olacache.images import load_rgb
+    from olacache.teachers import load_teacher
+
+    a = s.teacher_attrs(t)
+    root = Path(image_root or a.get("image_root", "."))
+    ident = a.get("identity", {})
+    preset = a.get("preset", "tiny")
+    # tiny presets are deterministic: regenerate them locally rather than trusting a cache path from
+    # another machine; the weights hash below still has to match
+    source = None if preset == "tiny" else ident.get("source")
+    try:
+        teacher = load_teacher(t, preset=preset, source=source, device=device, options=a.get("options"))
+    except Exception as e:  # no hub access for real weights, say
+        return {"error": f"could not load teacher {t!r} ({preset}): {e}"}
+    if teacher.identity().get("weights_sha256") != ident.get("weights_sha256"):
+        return {"error": f"live {t} weights differ from the ones the store was built with ({ident.get('source')})"}
+    rng = np.random.default_rng(seed + 1)
+    rows = np.sort(rng.choice(ok_rows, size=min(k, len(ok_rows)), replace=False))
+    stored = s.read_rows(t, rows).astype(np.float64)
+    try:
+        imgs = [load_rgb(root / s.image_paths[r]) for r in rows]
+    except Exception as e:
+        return {"error": f"cannot read images under {root} (pass --image-root): {e}"}
+    live = np.concatenate([teacher([im]).numpy() for im in imgs]).astype(np.float64)
+    a2, b2 = stored.reshape(len(rows), -1), live.reshape(len(rows), -1)
+    cos = (a2 * b2).sum(1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-30)
+    return {"n": int(len(rows)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "max_abs_diff": float(np.abs(a2 - b2).max())}

@@ -1,0 +1,268 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden with ``--set key=value``.
+
+A YAML file holds the shared sections (``model``, ``data``, ``loss``, ``train``) and an ordered ``stages``
+mapping whose entries override those sections per stage (e.g. PT at lr 1e-3 with ``square`` images, then IFT
+at 2e-5 with ``pad``). Precedence, lowest first: dataclass defaults < YAML shared sections < ``stages.<name>``
+< ``--set`` overrides. ``--set stages.pt.train.lr=1e-3`` targets one stage; ``--set train.max_steps=5`` all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEACHERS_DEFAULT = ("gen", "depth", "seg")  # also the reference's task-token order
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" = the local random-init preset (real classes); otherwise a hub id or local directory.
+    # A timm encoder is named "timm:<model_name>".
+    vision: str = "tiny"
+    vision_layer: int = -2  # penultimate layer, CLS dropped (LLaVA-1.5)
+    llm: str = "tiny"
+    tokenizer: str | None = None  # default: same as llm
+    # "auto" = the tokenizer's own chat template; or a named template from olatrain.templates
+    chat_template: str = "auto"
+    projector_hidden_act: str = "gelu"
+    # task tokens per teacher, inserted right after the image tokens in this order; 0 disables a teacher's tokens
+    task_tokens: dict[str, int] = field(default_factory=lambda: {"gen": 8, "depth": 8, "seg": 8})
+    # 1-indexed decoder-block outputs (hidden_states[l] in HF numbering) read by the predictors
+    layers: dict[str, list[int]] = field(
+        default_factory=lambda: {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
+    )
+    # number of rows of the (n_rows, H) depth/seg query parameter (= spatial target tokens, 576 for 24x24)
+    spatial_queries: int = 576
+    # image tokens the vision encoder yields per image (24x24 = 576 for ViT-L/14@336 and ConvNeXt-XXL@768);
+    # the data pipeline budgets data.max_length with it (the model should check it against its encoder)
+    image_tokens: int = 576
+    # predictor width per teacher: "hidden" (LLM width; the reference's depth head), "target" (teacher
+    # channels; the reference's seg/gen heads) or an int
+    predictor_dim: dict[str, Any] = field(
+        default_factory=lambda: {"depth": "hidden", "seg": "target", "gen": "target"}
+    )
+    predictor_heads: int = 4
+    predictor_head_dim: int = 32
+    predictor_ff_mult: int = 1
+    # "auto": flash_attention_2 when flash-attn is importable and on CUDA, else sdpa
+    attn_implementation: str = "auto"
+    # task-token init: "embed" = inserted tokens start at the std of the LLM's word embeddings; "randn" = the
+    # reference's std-1 parameters (inserted tokens 10-50x larger than word embeddings; see olatrain/model.py)
+    task_token_init: str = "embed"
+
+
+@dataclass
+class DataConfig:
+    annotations: str = "examples/sample.json"
+    image_root: str = "examples/images"
+    store: str | None = None  # embedding store built by `olacache build`; required for PT with cached targets
+    max_length: int = 2048
+    image_aspect: str = "square"  # "square" (processor resize + center crop) or "pad" (pad to square first)
+    # what to do with an image sample whose targets are missing/failed in the store:
+    # "skip" drops the sample (counted in the log), "error" stops before step 1
+    missing_targets: str = "skip"
+    # refuse to start when fewer than this fraction of the dataset's images have usable targets
+    min_store_coverage: float = 0.5
+    num_workers: int = 2
+    shuffle: bool = True
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"depth": 0.5, "seg": 0.5, "gen": 0.5})
+    contrastive_weight: float = 0.3
+    smooth_l1_beta: float = 1.0
+    logit_scale_init: float = 2.0  # log space: exp(2.0) ~ 7.39
+    logit_scale_max: float = 100.0
+    gather_negatives: bool = True  # all-gather targets across ranks for InfoNCE negatives
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pt"  # pt | vpt | ift (set from the stage name)
+    init_from: str | None = None  # checkpoint dir of the previous stage; default: previous stage's final
+    targets: str = "cached"  # "cached" (read the store) or "online" (run the olacache teachers live)
+    teacher_preset: str = "tiny"  # for targets=online: the preset the store was built with
+    max_steps: int = 100
+    # end this invocation after this many more steps, leaving a resumable checkpoint (schedule unchanged);
+    # for time-sliced jobs and the resume test
+    stop_after: int | None = None
+    batch_size: int = 4  # per process micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 50
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: str = "auto"  # auto (on for CUDA) | on | off
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+
+    @property
+    def teachers(self) -> list[str]:
+        """Teachers with an embedding loss in this run (PT only; other stages train NTP alone)."""
+        if self.train.stage != "pt":
+            return []
+        return [t for t in TEACHERS_DEFAULT if self.model.layers.get(t) and self.loss.weights.get(t, 0) > 0] + [
+            t for t in self.model.layers if t not in TEACHERS_DEFAULT and self.model.layers[t]
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STAGES = ("pt", "vpt", "ift")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with Config.to_dict() (checkpoints carry theirs)."""
+    return _build(Config, data, "config")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: 1e-3, true, [8, 20], {depth: 0.5}, none."""
+    if text.lower() in ("none", "null"):
+        return None
+    return yaml.safe_load(text)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into a nested dict."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _REPLACE_WHOLE:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# mappings that an override replaces whole (setting layers.depth keeps the others, but a stage that says
+# `task_tokens: {gen: 0}` means "gen off", merged per key like any dict; nothing needs whole-replace today)
+_REPLACE_WHOLE: set[str] = set()
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        sub = _SECTIONS.get(k) if cls is Config else None
+        if sub is not None:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}.{k} must be a mapping")
+            kwargs[k] = _build(sub, v, f"{where}.{k}")
+        elif k == "betas":
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunSpec:
+    """A whole run: its stages in order, each resolved to a full Config."""
+
+    stages: list[str]
+    configs: dict[str, Config]
+    raw: dict[str, Any]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.configs[self.stages[0]].output_dir)
+
+
+def load_run(path: str | Path | None, overrides: list[str] | None = None) -> RunSpec:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    cli = parse_overrides(overrides)
+    raw = deep_merge(raw, {k: v for k, v in cli.items() if k == "stages"})
+    stages_raw = raw.pop("stages", None) or {"pt": {}}
+    if not isinstance(stages_raw, dict):
+        raise ConfigError("`stages` must be a mapping of stage name -> overrides, e.g. {pt: {}, ift: {...}}")
+    non_stage_cli = {k: v for k, v in cli.items() if k != "stages"}
+    configs: dict[str, Config] = {}
+    for name, st in stages_raw.items():
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; valid: {list(STAGES)}")
+        merged = deep_merge(deep_merge(raw, st or {}), non_stage_cli)
+        merged.setdefault("train", {})["stage"] = name
+        cfg = _build(Config, merged, "config")
+        validate(cfg)
+        configs[name] = cfg
+    return RunSpec(stages=list(stages_raw), configs=configs, raw={**raw, "stages": stages_raw})
+
+
+def validate(cfg: Config) -> None:
+    t, d = cfg.train, cfg.data
+    if t.targets not in ("cached", "online"):
+        raise ConfigError(f"train.targets must be 'cached' or 'online', got {t.targets!r}")
+    if d.image_aspect not in ("square", "pad"):
+        raise ConfigError(f"data.image_aspect must be 'square' or 'pad', got {d.image_aspect!r}")
+    if d.missing_targets not in ("skip", "error"):
+        raise ConfigError(f"data.missing_targets must be 'skip' or 'error', got {d.missing_targets!r}")
+    if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.max_steps, train.batch_size and train.grad_accum must be >= 1")
+    for name, layers in cfg.model.layers.items():
+        if not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
+            raise ConfigError(f"model.layers.{name} must be a list of 1-indexed layer numbers, got {layers!r}")
+    for name, n in cfg.model.task_tokens.items():
+        if not isinstance(n, int) or n < 0:
+            raise ConfigError(f"model.task_tokens.{name} must be an int >= 0")
+        if name in ("depth", "seg") and n and cfg.model.spatial_queries % n:
+            raise ConfigError(
+                f"model.spatial_queries ({cfg.model.spatial_queries}) must be divisible by "
+                f"model.task_tokens.{name} ({n}): the inserted tokens are group means"
+            )
+
+
+def dump(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=str)

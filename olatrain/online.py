@@ -1,0 +1,50 @@
+"""Online targets: the one (lazy) door from the trainer to the live olacache teachers.
+
+This is the reference's way of working (teachers resident next to the MLLM, run on every batch) and exists
+as the baseline the cache is measured against (`train.targets: online`). Nothing else in olatrain imports
+teacher code; the boundary test checks that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+class OnlineTargets:
+    def __init__(self, teachers: Sequence[str], *, preset: str, image_root: str | Path,
+                 device: str | torch.device = "cpu", options: dict[str, dict] | None = None):
+        from olacache.teachers import load_teacher  # lazy on purpose: see the module docstring
+
+        self.root = Path(image_root)
+        self.device = torch.device(device)
+        self.teachers = {t: load_teacher(t, preset=preset, device=self.device, options=(options or {}).get(t))
+                         for t in teachers}
+        self.shapes = {t: tuple(m.target_shape) for t, m in self.teachers.items()}
+
+    def __call__(self, image_paths: Sequence[str | None], has_image: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Targets for a batch, float16 like the store (so cached and online losses are comparable)."""
+        from olacache.images import ImageError, load_rgb
+
+        b = len(image_paths)
+        imgs, idx = [], []
+        for i, p in enumerate(image_paths):
+            if p is None or not bool(has_image[i]):
+                continue
+            try:
+                imgs.append(load_rgb(self.root / p))
+                idx.append(i)
+            except ImageError:
+                continue
+        targets, ok = {}, {}
+        for t, m in self.teachers.items():
+            out = torch.zeros((b, *self.shapes[t]), dtype=torch.float16)
+            mask = torch.zeros(b, dtype=torch.bool)
+            if imgs:
+                out[idx] = m(imgs).to(torch.float16).cpu()
+                mask[idx] = True
+            targets[t], ok[t] = out, mask
+        return targets, ok
