@@ -16,6 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+# our own rich progress replaces transformers' per-load "Loading weights" bars (set before it is imported)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 console = Console(stderr=True)
 out = Console()
 
@@ -65,7 +68,6 @@ def build_cmd(
 ) -> None:
     """Build (or resume) a teacher-embedding store. Safe to kill and re-run; under `torchrun` each rank
     builds disjoint shards."""
-    from olacache.store import StoreError
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -77,6 +79,7 @@ def build_cmd(
 
     from olacache.annotations import AnnotationError
     from olacache.build import BuildConfig, BuildError, build
+    from olacache.store import StoreError
 
     cli = dict(
         annotations=annotations, image_root=image_root, out=out_,
@@ -160,7 +163,6 @@ def info_cmd(
 ) -> None:
     """What a store holds: teachers, shapes, dtype/codec, weights identity, counts, bytes."""
     from olacache.store import StoreError
-
     from olacache.verify import store_info
 
     try:
@@ -174,13 +176,14 @@ def info_cmd(
     out.print(f"{info['n_images']} images, {info['n_shards']} shards of {info['shard_size']}, "
               f"{_human(info['bytes'])} on disk, fingerprint {info['fingerprint'][:16]}")
     tab = Table()
-    for c in ("teacher", "shape", "dtype", "weights", "ok", "failed", "missing", "bytes", "bytes/image", "int8 cos"):
-        tab.add_column(c)
+    for c in ("teacher", "shape", "dtype", "weights", "ok/failed/missing", "on disk", "per image", "int8 cos"):
+        tab.add_column(c, no_wrap=True)
     for name, t in info["teachers"].items():
         w = "random_init" if t["random_init"] else str(t["weights"])
         cos = f"{t['int8_cosine_mean']:.4f}/{t['int8_cosine_min']:.4f}" if t.get("int8_cosine_mean") else "-"
-        tab.add_row(name, "x".join(map(str, t["shape"])), str(t["dtype"]), w, str(t["n_ok"]),
-                    str(t["n_failed"]), str(t["n_missing"]), _human(t["bytes"]), _human(t["bytes_per_image"]), cos)
+        tab.add_row(name, "x".join(map(str, t["shape"])), str(t["dtype"]), w,
+                    f"{t['n_ok']}/{t['n_failed']}/{t['n_missing']}", _human(t["bytes"]),
+                    _human(t["bytes_per_image"]), cos)
     out.print(tab)
 
 
@@ -194,7 +197,6 @@ def verify_cmd(
 ) -> None:
     """Check structure and completeness; with --recompute K, parity against the live teachers."""
     from olacache.store import StoreError
-
     from olacache.verify import verify_store
 
     try:

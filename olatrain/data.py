@@ -337,10 +337,7 @@ def run_processor(processor: Any, img: Image.Image) -> torch.Tensor:
 
 def _status(reader: Any, teacher: str) -> np.ndarray:
     """uint8 status column (MISSING/OK/FAILED per store row)."""
-    fn = getattr(reader, "status", None)
-    if callable(fn):
-        return np.asarray(fn(teacher), dtype=np.uint8)
-    return np.asarray(reader._store_().status(teacher), dtype=np.uint8)  # TargetReader without status()
+    return np.asarray(reader.status(teacher), dtype=np.uint8)
 
 
 def check_targets(dataset: ConversationDataset, reader: Any, cfg: Config) -> dict[str, Any]:
