@@ -257,9 +257,31 @@ class Backend(ABC):
     @abstractmethod
     def read_all(self, path: str) -> np.ndarray: ...
 
-    @abstractmethod
+    # set by each backend's __init__: raw-read switch, per-array raw readers (None = not applicable), threads
+    _fast_reads: bool
+    _readers: dict[str, Any]
+    _pool: ReadPool
+
     def read_rows_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """out[dest[k]] = array[rows[k]]; ``rows`` sorted and unique."""
+        """out[dest[k]] = array[rows[k]]; ``rows`` sorted and unique. Uses the backend's raw pread reader for
+        that array when it has one (local, uncompressed), else the library's own (batched) reads."""
+        if len(rows) == 0:
+            return
+        if path not in self._readers:
+            self._readers[path] = self._raw_reader(path) if self._fast_reads else None
+        reader = self._readers[path]
+        if reader is not None:
+            reader.read_into(rows, out, dest, self._pool)
+        else:
+            self._library_read_into(path, rows, out, dest)
+
+    @abstractmethod
+    def _raw_reader(self, path: str) -> Any | None:
+        """A reader with ``read_into(rows, out, dest, pool)`` over the array's bytes, or None."""
+
+    @abstractmethod
+    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """The fallback through zarr/h5py."""
 
     @abstractmethod
     def nbytes(self, column: str | None) -> int: ...

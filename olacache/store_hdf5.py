@@ -179,17 +179,10 @@ class Hdf5Backend(Backend):
             return np.asarray(ds.asstr()[:], dtype=object)
         return ds[:]
 
-    def read_rows_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        if path not in self._readers:
-            self._readers[path] = (
-                _H5RawReader.for_dataset(self._ds(path), self._path) if self._fast_reads else None
-            )
-        reader = self._readers[path]
-        if reader is not None:
-            reader.read_into(rows, out, dest, self._pool)
-            return
+    def _raw_reader(self, path: str) -> _H5RawReader | None:
+        return _H5RawReader.for_dataset(self._ds(path), self._path)
+
+    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
         # h5py path: one hyperslab read per contiguous run (h5py fancy indexing is ~50x slower).
         ds = self._ds(path)
         for a, b in contiguous_runs(rows):

@@ -186,17 +186,10 @@ class ZarrBackend(Backend):
     def read_all(self, path: str) -> np.ndarray:
         return np.asarray(self._arr(path)[:])
 
-    def read_rows_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        if path not in self._readers:
-            self._readers[path] = (
-                LocalShardedReader.for_array(self._arr(path), self._local) if self._fast_reads else None
-            )
-        reader = self._readers[path]
-        if reader is not None:
-            reader.read_into(rows, out, dest, self._pool)
-            return
+    def _raw_reader(self, path: str) -> LocalShardedReader | None:
+        return LocalShardedReader.for_array(self._arr(path), self._local)
+
+    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
         # zarr API path: every contiguous run is one getitem; all of them run concurrently on zarr's event
         # loop in ONE sync() call (N synchronous calls would pay N loop round trips).
         arr = self._arr(path)
