@@ -97,20 +97,27 @@ def build_cmd(
     if bgr_quirk:
         cfg.teacher_overrides.setdefault("depth", {}).setdefault("options", {})["bgr_quirk"] = True
 
-    show = _is_rank0() and sys.stderr.isatty() or os.environ.get("OLAKIT_PROGRESS") == "1"
+    live = _is_rank0() and (sys.stderr.isatty() or os.environ.get("OLAKIT_PROGRESS") == "1")
     prog = Progress(
         TextColumn("[bold]building[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not show,
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not live,
     )
     import time
 
-    state = {"task": None, "t0": time.perf_counter()}
+    state = {"task": None, "t0": time.perf_counter(), "last_line": 0.0}
 
     def on_progress(done: int, total: int, _ok: int) -> None:
-        if state["task"] is None:
-            state["task"] = prog.add_task("build", total=total, rate="")
         el = time.perf_counter() - state["t0"]
-        prog.update(state["task"], completed=done, rate=f"{done / el:.1f} img/s" if el > 0 else "")
+        rate = done / el if el > 0 else 0.0
+        if live:
+            if state["task"] is None:
+                state["task"] = prog.add_task("build", total=total, rate="")
+            prog.update(state["task"], completed=done, rate=f"{rate:.1f} img/s")
+        elif _is_rank0() and (el - state["last_line"] >= 30 or done == total):
+            # logs of batch jobs (no terminal): a plain line every 30 s
+            state["last_line"] = el
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            console.print(f"built {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f}s")
 
     try:
         with prog:

@@ -197,6 +197,10 @@ class ShardImages(torch.utils.data.Dataset):
         }
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 def plan_batches(shards: Sequence[int], shard_rows: Callable[[int], range], batch_size: int) -> list[tuple[int, list[int]]]:
     """Fixed batch composition: a shard's rows in order, cut every batch_size. Independent of which shards
     are pending, so a resumed build forwards exactly the batches of an uninterrupted one."""
@@ -274,7 +278,7 @@ class ShardBuffer:
 
 
 # ----------------------------------------------------------------------------------------------- store setup
-def teacher_attrs(teacher: Any, dtype: str, *, preset: str, options: dict | None, image_root: str) -> dict[str, Any]:
+def teacher_attrs(teacher: Any, *, preset: str, options: dict | None, image_root: str) -> dict[str, Any]:
     # preset/options/image_root are recorded (not compared) so `verify --recompute` can rebuild the teacher
     return {
         "teacher": teacher.name,
@@ -349,12 +353,13 @@ def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], 
                     # the shard size is part of the layout; resuming keeps the store's own
                     cfg.shard_size = store.shard_size
             else:
-                Path(cfg.out).parent.mkdir(parents=True, exist_ok=True) if "://" not in cfg.out else None
+                if "://" not in cfg.out:
+                    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
                 store = EmbeddingStore.create(cfg.out, paths, shard_size=cfg.shard_size, format=cfg.format,
                                               created_by=f"olacache {__version__}")
             for name, t in teachers.items():
                 ov = cfg.teacher_overrides.get(name, {})
-                new = _jsonable(teacher_attrs(t, cfg.dtype, preset=ov.get("preset", cfg.preset),
+                new = _jsonable(teacher_attrs(t, preset=ov.get("preset", cfg.preset),
                                               options=ov.get("options"), image_root=cfg.image_root))
                 want = {**new, "dtype": cfg.dtype, "target_shape": list(t.target_shape)}
                 if name not in store.teachers:
@@ -464,7 +469,7 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
                      {t: teachers[t].preprocessor() for t in teachers})
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=cfg.workers,
-        collate_fn=lambda x: x, pin_memory=device.type == "cuda",
+        collate_fn=_identity, pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.workers > 0 else None,
         # forked workers are safe here: they touch no store handle (the store is written by this process only)
         persistent_workers=False,

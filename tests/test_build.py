@@ -248,3 +248,14 @@ def test_cli_info_json_and_help(sample_store):
     assert _cli("build", "--help").returncode == 0
     bad = _cli("info", str(ROOT / "examples"))
     assert bad.returncode != 0 and "examples" in bad.stderr
+
+
+def test_image_directory_as_annotations(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "images" / "chelsea.jpg", root / "a" / "cat.jpg")
+    shutil.copy(EXAMPLES / "images" / "camera.png", root / "cam.png")
+    s = build(_cfg(tmp_path, annotations=str(root), image_root=str(root), teachers=["gen"]), log=_quiet)
+    assert s.n_images == 2 and s.teachers[0].n_ok == 2
+    with EmbeddingStore.open(s.store) as st:
+        assert st.image_paths == ["a/cat.jpg", "cam.png"]
