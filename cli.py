@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # our own rich progress replaces transformers' per-load "Loading weights" bars (set before it is imported)
@@ -39,8 +40,14 @@ olatrain_app = typer.Typer(
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(code)
+
+
+def _log(msg: str) -> None:
+    """Library log lines are plain text: '[pt] ...' must not be read as rich markup."""
+    if _is_rank0():
+        console.print(msg, markup=False, highlight=False)
 
 
 def _is_rank0() -> bool:
@@ -121,7 +128,7 @@ def build_cmd(
 
     try:
         with prog:
-            summary = build(cfg, progress=on_progress, log=lambda m: console.print(m) if _is_rank0() else None)
+            summary = build(cfg, progress=on_progress, log=_log)
     except (BuildError, StoreError, AnnotationError) as e:
         _fail(str(e))
     if not _is_rank0():
@@ -150,7 +157,7 @@ def _print_summary(s) -> None:  # noqa: ANN001 - BuildSummary
     if s.failures:
         console.print(f"[yellow]{len(s.failures)} image(s) failed[/] (recorded in the store):")
         for p, reason in s.failures[:20]:
-            console.print(f"  {p}: {reason}")
+            console.print(f"  {p}: {reason}", markup=False)
         if len(s.failures) > 20:
             console.print(f"  ... and {len(s.failures) - 20} more (`olacache info --json`)")
 
@@ -220,9 +227,9 @@ def verify_cmd(
             out.print(f"{t}: recomputed {p['n']} images, cosine mean {p['cosine_mean']:.6f} "
                       f"min {p['cosine_min']:.6f}, max |diff| {p['max_abs_diff']:.3g}")
         for w in rep.warnings:
-            out.print(f"[yellow]warning:[/] {w}")
+            out.print(f"[yellow]warning:[/] {escape(w)}")
         for pr in rep.problems:
-            out.print(f"[red]problem:[/] {pr}")
+            out.print(f"[red]problem:[/] {escape(pr)}")
         out.print("[bold green]OK[/]" if rep.ok else f"[bold red]{len(rep.problems)} problem(s)[/]")
     raise typer.Exit(0 if rep.ok else 1)
 
@@ -242,9 +249,8 @@ def run_cmd(
         spec = load_run(config, set_)
     except ConfigError as e:
         _fail(str(e))
-    rank0 = _is_rank0()
-    final = run(spec, resume=resume, log=lambda m: console.print(m) if rank0 else None)
-    if rank0:
+    final = run(spec, resume=resume, log=_log)
+    if _is_rank0():
         console.print(f"[bold green]finished[/] {final}")
 
 

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -114,32 +115,50 @@ def machine() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- timings
-def time_forward(teacher, batches: list[torch.Tensor]) -> float:
-    t0 = time.perf_counter()
-    for x in batches:
-        teacher.forward(x)
-    return time.perf_counter() - t0
+class Clock:
+    """Wall seconds and CPU seconds (this process, all threads, + reaped children = DataLoader workers).
+
+    CPU seconds are the contention-robust number on a shared box: time-slicing against other jobs inflates wall
+    time but not (much) the CPU time a measurement itself consumes."""
+
+    def __enter__(self) -> Clock:
+        self.w0, self.c0 = time.perf_counter(), _cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.w0, _cpu() - self.c0
 
 
-def time_build(ann: Path, image_root: Path, out: Path, source: Path, batch: int, workers: int, device: str):
+def _cpu() -> float:
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
+def time_forward(teacher, batches: list[torch.Tensor]) -> Clock:
+    with Clock() as c:
+        for x in batches:
+            teacher.forward(x)
+    return c
+
+
+def time_build(ann: Path, image_root: Path, out: Path, source: Path, batch: int, workers: int, device: str) -> Clock:
     cfg = BuildConfig(annotations=str(ann), image_root=str(image_root), out=str(out), teachers=["depth"],
                       teacher_overrides={"depth": {"source": str(source)}}, batch_size=batch, workers=workers,
                       device=device, progress=False)
-    t0 = time.perf_counter()
-    summary = build(cfg, log=lambda _m: None)
-    dt = time.perf_counter() - t0
+    with Clock() as c:
+        summary = build(cfg, log=lambda _m: None)
     assert summary.images_computed == summary.n_images and summary.teachers[0].n_ok == summary.n_images, summary
     shutil.rmtree(out)
-    return dt
+    return c
 
 
-def time_reference_loop(teacher, image_root: Path, rels: list[str]) -> float:
+def time_reference_loop(teacher, image_root: Path, rels: list[str]) -> Clock:
     """The reference's way: inside the training forward, one image at a time, PIL resize in the loop."""
     pre = teacher.preprocessor()
-    t0 = time.perf_counter()
-    for rel in rels:
-        teacher.forward(pre(load_rgb(image_root / rel))[None])
-    return time.perf_counter() - t0
+    with Clock() as c:
+        for rel in rels:
+            teacher.forward(pre(load_rgb(image_root / rel))[None])
+    return c
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -213,44 +232,54 @@ def main() -> None:
         print(f"teacher {teacher!r}: {n_params / 1e6:.1f}M backbone params; load+hash {t_load:.2f}s; "
               f"serial decode+preprocess of {len(rels)} images {t_pre:.2f}s", flush=True)
 
-        fwd: list[float] = []
-        bld: dict[int, list[float]] = {w: [] for w in args.workers}
-        ref: list[float] = []
+        fwd: list[Clock] = []
+        bld: dict[int, list[Clock]] = {w: [] for w in args.workers}
+        ref: list[Clock] = []
+
+        def show(what: str, c: Clock) -> None:
+            print(f"{what}: {c.wall:.2f}s wall, {c.cpu:.2f} CPU-s", flush=True)
+
         for r in range(args.repeats):
             fwd.append(time_forward(teacher, batches))
-            print(f"round {r}: forward {fwd[-1]:.2f}s", flush=True)
+            show(f"round {r}: pure forward", fwd[-1])
             for w in args.workers:
                 bld[w].append(time_build(ann, image_root, tmp / f"store_w{w}.zarr", source, args.batch, w,
                                          args.device))
-                print(f"round {r}: build workers={w} {bld[w][-1]:.2f}s", flush=True)
+                show(f"round {r}: build workers={w}", bld[w][-1])
             if not args.no_ref:
                 ref.append(time_reference_loop(teacher, image_root, rels))
-                print(f"round {r}: reference per-image loop {ref[-1]:.2f}s", flush=True)
+                show(f"round {r}: reference per-image loop", ref[-1])
         fwd.append(time_forward(teacher, batches))
-        print(f"final forward {fwd[-1]:.2f}s", flush=True)
+        show("final pure forward", fwd[-1])
 
-        med = statistics.median
-        f = med(fwd)
+        def med(cs: list[Clock], attr: str) -> float:
+            return statistics.median(getattr(c, attr) for c in cs)
+
+        fw, fc = med(fwd, "wall"), med(fwd, "cpu")
         n = len(rels)
-        print(f"\n{n} images, batch {args.batch}, device {args.device}; forward timed {len(fwd)}x "
-              f"({', '.join(f'{x:.1f}' for x in fwd)} s), builds {args.repeats}x each; medians:\n")
-        print("| measurement | seconds | img/s | / pure forward |")
-        print("|---|---:|---:|---:|")
-        print(f"| pure batched forward (tensors in memory) | {f:.2f} | {n / f:.2f} | 1.000 |")
-        for w in args.workers:
-            b = med(bld[w])
-            print(f"| `build()` workers={w} | {b:.2f} | {n / b:.2f} | {b / f:.3f} |")
+        print(f"\n{n} images, batch {args.batch}, device {args.device}; forward timed {len(fwd)}x, the others "
+              f"{args.repeats}x, interleaved; medians:\n")
+        print("| measurement | wall s | img/s | wall / forward | CPU-s | CPU / forward |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| pure batched forward (tensors in memory) | {fw:.2f} | {n / fw:.2f} | 1.000 | {fc:.2f} | 1.000 |")
+        rows = [(f"`build()` workers={w}", bld[w]) for w in args.workers]
         if ref:
-            rf = med(ref)
-            print(f"| reference-style loop (load+PIL resize+forward, batch 1) | {rf:.2f} | {n / rf:.2f} | "
-                  f"{rf / f:.3f} |")
+            rows.append(("reference-style loop (load_rgb + PIL resize + forward, batch 1)", ref))
+        for name, cs in rows:
+            w_, c_ = med(cs, "wall"), med(cs, "cpu")
+            print(f"| {name} | {w_:.2f} | {n / w_:.2f} | {w_ / fw:.3f} | {c_:.2f} | {c_ / fc:.3f} |")
+        if ref:
+            print()
             for w in args.workers:
-                print(f"\nbatched build (workers={w}) vs reference-style loop: {rf / med(bld[w]):.2f}x faster")
+                print(f"batched build (workers={w}) vs reference-style loop: {med(ref, 'wall') / med(bld[w], 'wall'):.2f}x "
+                      f"wall, {med(ref, 'cpu') / med(bld[w], 'cpu'):.2f}x CPU")
         if args.repeats > 1:
+            print()
             for w in args.workers:
-                per = [b / ((fwd[i] + fwd[i + 1]) / 2) for i, b in enumerate(bld[w])]
-                print(f"per-round build/forward (workers={w}, forward = mean of the bracketing runs): "
-                      + ", ".join(f"{x:.3f}" for x in per))
+                per = [(b.wall / ((fwd[i].wall + fwd[i + 1].wall) / 2), b.cpu / ((fwd[i].cpu + fwd[i + 1].cpu) / 2))
+                       for i, b in enumerate(bld[w])]
+                print(f"per-round build/forward, workers={w} (forward = mean of the two bracketing runs), wall/CPU: "
+                      + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in per))
         if not args.no_sizes:
             print()
             print("\n".join(sizes(tmp)))

@@ -427,8 +427,10 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
         raise BuildError(f"--dtype must be float16 or int8, got {cfg.dtype!r}")
     if cfg.format not in ("zarr", "hdf5"):
         raise BuildError(f"--format must be zarr or hdf5, got {cfg.format!r}")
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise BuildError("--batch-size and --shard-size must be >= 1")
+    for key in ("batch_size", "shard_size", "workers"):
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "workers" else 1):
+            raise BuildError(f"{key} must be an integer >= {0 if key == 'workers' else 1}, got {v!r}")
     unknown_ow = set(cfg.overwrite_teacher) - set(cfg.teachers)
     if unknown_ow:
         raise BuildError(f"--overwrite-teacher {sorted(unknown_ow)} is not among --teachers {cfg.teachers}")

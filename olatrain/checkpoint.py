@@ -119,17 +119,31 @@ def save_periodic(stage_dir: Path, keep: int = 2, **kw: Any) -> Path:
     done = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
     for p in done[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in ckdir.glob(".step_*.tmp-*"):  # leftovers of a killed save
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (".step_*.tmp-*", ".step_*.old-*", f".{LATEST}.tmp-*"):  # leftovers of a killed save
+        for p in ckdir.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     return path
 
 
+def _complete(path: Path) -> bool:
+    return (path / STATE).is_file() and (path / WEIGHTS).is_file() and (path / OPTIM).is_file()
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    ptr = Path(stage_dir) / "checkpoints" / LATEST
-    if not ptr.is_file():
-        return None
-    path = ptr.parent / ptr.read_text().strip()
-    return path if (path / STATE).is_file() and (path / WEIGHTS).is_file() else None
+    """The checkpoint LATEST names; if LATEST is absent or dangling (a kill between renaming a checkpoint into
+    place and updating LATEST, or inside the swap of a re-saved step), the newest complete ``step_*``.
+    Directories only appear under their final name once complete, so any ``step_*`` with its files is whole;
+    temporary ``.step_*`` siblings are never considered."""
+    ckdir = Path(stage_dir) / "checkpoints"
+    ptr = ckdir / LATEST
+    name = ptr.read_text().strip() if ptr.is_file() else ""
+    if name and _complete(ckdir / name):
+        return ckdir / name
+    done = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and _complete(p))
+    return done[-1] if done else None
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -2,8 +2,12 @@
 
 A YAML file holds the shared sections (``model``, ``data``, ``loss``, ``train``) and an ordered ``stages``
 mapping whose entries override those sections per stage (e.g. PT at lr 1e-3 with ``square`` images, then IFT
-at 2e-5 with ``pad``). Precedence, lowest first: dataclass defaults < YAML shared sections < ``stages.<name>``
-< ``--set`` overrides. ``--set stages.pt.train.lr=1e-3`` targets one stage; ``--set train.max_steps=5`` all.
+at 2e-5 with ``pad``). Precedence, lowest first: dataclass defaults < YAML shared sections < YAML
+``stages.<name>`` < ``--set key=`` < ``--set stages.<name>.key=``. ``--set stages.pt.train.lr=1e-3`` targets one
+stage; ``--set train.max_steps=5`` all (and beats the YAML's per-stage values).
+
+YAML is read with YAML 1.2 scalars (``1e-3`` is a float; only true/false are booleans, ``on`` stays "on") and
+every value is type-checked against its dataclass field.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +114,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: str = "auto"  # auto (on for CUDA) | on | off
     device: str = "auto"
+    # torch intra-op threads for a CPU run (torch.set_num_threads); None = torch's default (one per core).
+    # On a small shared machine fewer is faster: OpenMP threads spin-wait, and 2 threads on 2 cores with any other
+    # busy process made the tiny run ~6x slower than 1 thread (configs/tiny.yaml sets 1)
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -142,11 +153,38 @@ class ConfigError(ValueError):
     pass
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars where PyYAML's YAML 1.1 rules bite configs:
+
+    - ``1e-3`` is a float (1.1 needs a dot, ``1.0e-3``; ``1e-3`` was the STRING '1e-3' and reached the optimizer
+      as lr='1e-3');
+    - only true/false are booleans (1.1 also turns on/off/yes/no into booleans, so ``grad_checkpointing: on``
+      became True, which is neither "on" nor "auto": gradient checkpointing was silently off)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: safe
+
+
 def _parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars/lists: 1e-3, true, [8, 20], {depth: 0.5}, none."""
     if text.lower() in ("none", "null"):
         return None
-    return yaml.safe_load(text)
+    return _yaml_load(text)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -184,6 +222,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = set(data) - set(names)
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {sorted(unknown)}; valid: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in data.items():
         sub = _SECTIONS.get(k) if cls is Config else None
@@ -191,11 +230,73 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}.{k} must be a mapping")
             kwargs[k] = _build(sub, v, f"{where}.{k}")
-        elif k == "betas":
-            kwargs[k] = tuple(v)
         else:
-            kwargs[k] = v
+            kwargs[k] = _coerce(v, hints[k], f"{where}.{k}")
     return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a value against its field's annotation; convert the lossless cases (int -> float, an integral
+    float -> int, list -> tuple, a numeric string for a float such as '1e-3' from YAML 1.1). A wrong type is a
+    ConfigError naming the key here, not a TypeError from deep inside the optimizer or the data pipeline."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _coerce(value, rest[0], where) if len(rest) == 1 else value
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where} must be {getattr(hint, '__name__', None) or hint}, got {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # a YAML 1.1 on/off that became a bool (e.g. configs saved in checkpoints)
+            return "on" if value else "off"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric-looking path or name
+        raise bad()
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise bad()
+        if args and args[-1] is not Ellipsis:
+            return tuple(_coerce(x, a, f"{where}[{i}]") for i, (x, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(value)
+    return value
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
@@ -220,20 +321,23 @@ def load_run(path: str | Path | None, overrides: list[str] | None = None) -> Run
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     cli = parse_overrides(overrides)
-    raw = deep_merge(raw, {k: v for k, v in cli.items() if k == "stages"})
-    stages_raw = raw.pop("stages", None) or {"pt": {}}
-    if not isinstance(stages_raw, dict):
+    yaml_stages = raw.pop("stages", None) or {}
+    cli_stages = cli.get("stages") or {}
+    if not isinstance(yaml_stages, dict) or not isinstance(cli_stages, dict):
         raise ConfigError("`stages` must be a mapping of stage name -> overrides, e.g. {pt: {}, ift: {...}}")
+    stages_raw = deep_merge(yaml_stages, cli_stages) or {"pt": {}}
     non_stage_cli = {k: v for k, v in cli.items() if k != "stages"}
     configs: dict[str, Config] = {}
-    for name, st in stages_raw.items():
+    for name in stages_raw:
         if name not in STAGES:
             raise ConfigError(f"unknown stage {name!r}; valid: {list(STAGES)}")
-        merged = deep_merge(deep_merge(raw, st or {}), non_stage_cli)
+        # the most specific wins: a `--set stages.pt.x=` beats a `--set x=`, which beats the YAML stage section
+        merged = deep_merge(deep_merge(raw, yaml_stages.get(name) or {}), non_stage_cli)
+        merged = deep_merge(merged, cli_stages.get(name) or {})
         merged.setdefault("train", {})["stage"] = name
         cfg = _build(Config, merged, "config")
         validate(cfg)
@@ -249,6 +353,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_aspect must be 'square' or 'pad', got {d.image_aspect!r}")
     if d.missing_targets not in ("skip", "error"):
         raise ConfigError(f"data.missing_targets must be 'skip' or 'error', got {d.missing_targets!r}")
+    for key, value, allowed in (("train.precision", t.precision, ("auto", "bf16", "fp32")),
+                                ("train.grad_checkpointing", t.grad_checkpointing, ("auto", "on", "off"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise ConfigError(f"train.cpu_threads must be >= 1 (or none for torch's default), got {t.cpu_threads}")
     if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("train.max_steps, train.batch_size and train.grad_accum must be >= 1")
     for name, layers in cfg.model.layers.items():

@@ -24,13 +24,17 @@ def load_for_inference(directory: Path, device: str = "auto") -> tuple[torch.nn.
     from olatrain.presets import load_image_processor, load_tokenizer
 
     directory = Path(directory)
-    if not (directory / ckpt.STATE).is_file():
-        raise GenerateError(f"{directory} is not an olatrain checkpoint (no {ckpt.STATE}); "
+    if not (directory / ckpt.STATE).is_file() or not (directory / ckpt.WEIGHTS).is_file():
+        missing = ckpt.STATE if not (directory / ckpt.STATE).is_file() else ckpt.WEIGHTS
+        hint = ""
+        if (directory / "final" / ckpt.STATE).is_file():
+            hint = f" (did you mean {directory / 'final'}?)"
+        raise GenerateError(f"{directory} is not an olatrain checkpoint (no {missing}){hint}; "
                             "pass a stage's final/ directory, e.g. runs/tiny/ift/final")
     try:
         cfg = config_from_dict(ckpt.load_state(directory)["config"])
-    except ConfigError as e:
-        raise GenerateError(f"{directory}: unreadable config: {e}") from e
+    except (ConfigError, KeyError, TypeError, ValueError) as e:  # ValueError covers bad JSON too
+        raise GenerateError(f"{directory}: unreadable checkpoint state/config: {e!r}") from e
     stage = cfg.train.stage
     cfg.train.stage = "ift"  # inference: no predictors, task tokens in place
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

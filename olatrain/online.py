@@ -7,6 +7,7 @@ teacher code; the boundary test checks that.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class OnlineTargets:
             if p is None or not bool(has_image[i]):
                 continue
             try:
-                imgs.append(load_rgb(self.root / p))
+                imgs.append(self._load(p, load_rgb, ImageError))
                 idx.append(i)
             except ImageError:
                 continue
@@ -48,3 +49,15 @@ class OnlineTargets:
                 mask[idx] = True
             targets[t], ok[t] = out, mask
         return targets, ok
+
+    def _load(self, key: str, load_rgb, image_error):  # olacache.images functions, imported lazily
+        """The batch carries store keys (NFC-normalised paths). A file named in NFD (macOS) is found by the
+        dataset through the raw annotated path; here, without it, try the NFD spelling of the key, so online
+        targets are not silently missing for images the dataset did load."""
+        try:
+            return load_rgb(self.root / key)
+        except image_error as e:
+            nfd = unicodedata.normalize("NFD", key)
+            if getattr(e, "reason", None) != "missing file" or nfd == key:
+                raise
+            return load_rgb(self.root / nfd)

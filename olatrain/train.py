@@ -56,6 +56,8 @@ def setup_env(cfg: Config) -> Env:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu" and cfg.train.cpu_threads is not None:
+        torch.set_num_threads(cfg.train.cpu_threads)  # process-wide (DataLoader workers use 1 regardless)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     prec = cfg.train.precision
@@ -133,7 +135,7 @@ def open_targets(cfg: Config, env: Env) -> tuple[Any, Any, dict[str, tuple[int, 
 # ----------------------------------------------------------------------------------------------- one stage
 def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume: bool,
                 log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    from olatrain.data import ConversationDataset, build_dataloader, check_targets
+    from olatrain.data import ConversationDataset, DataError, build_dataloader, check_targets
     from olatrain.model import build_model
     from olatrain.presets import load_image_processor, load_tokenizer
 
@@ -156,16 +158,19 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
     tokenizer = load_tokenizer(cfg)
     image_processor = load_image_processor(cfg)
     reader, online, shapes = open_targets(cfg, env)
-    dataset = ConversationDataset(cfg, tokenizer, image_processor, reader, cfg.teachers)
-    if reader is not None:
-        kept = check_targets(dataset, reader, cfg)
-        if env.main and kept.get("skipped"):
-            log(f"[{stage}] skipped {kept['skipped']} sample(s) whose targets are missing/failed in the store")
+    try:
+        dataset = ConversationDataset(cfg, tokenizer, image_processor, reader, cfg.teachers)
+        kept = check_targets(dataset, reader, cfg) if reader is not None else {}
+    except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
+        raise SystemExit(f"[{stage}] {e}") from e
+    if env.main and kept.get("skipped"):
+        log(f"[{stage}] skipped {kept['skipped']} sample(s) whose targets are missing/failed in the store")
     loader = build_dataloader(dataset, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                               rank=env.rank, world_size=env.world, num_workers=cfg.data.num_workers,
                               start_step=start_step * cfg.train.grad_accum, drop_last=True)
 
-    # -- model
+    # -- model (re-seeded: its random init must not depend on what was loaded before it, e.g. online teachers)
+    seed_everything(cfg.train.seed)
     model = build_model(cfg, shapes, device=env.device, tokenizer=tokenizer)
     if init_from is not None and resume_from is None:
         sd = ckpt.load_weights(init_from)
@@ -180,6 +185,9 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.train.max_steps, cfg.train.warmup_ratio))
+    # start the data stream (and its workers) BEFORE restoring the RNG: creating the iterator draws a worker
+    # base seed from the global RNG, which would otherwise shift a resumed run's RNG stream by one draw
+    it: Iterator[dict[str, Any]] = iter(loader)
     if resume_from is not None:
         model.load_trainable_state_dict(ckpt.load_weights(resume_from), strict=False)
         ckpt.load_training_state(resume_from, opt, sched)
@@ -190,10 +198,13 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
-    (stage_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str)) if env.main else None
-    metrics_f = open(stage_dir / "metrics.jsonl", "a") if env.main else None
-    if metrics_f is not None and start_step > 0:
+    metrics_f = None
+    if env.main:
+        (stage_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        # drop rows past the resume point (a fresh start keeps none) BEFORE opening for append: the truncation
+        # replaces the file, and a handle opened earlier would keep writing into the replaced (unlinked) one
         _truncate_metrics(stage_dir / "metrics.jsonl", start_step)
+        metrics_f = open(stage_dir / "metrics.jsonl", "a")
     n_trainable = sum(p.numel() for p in params)
     if env.main:
         log(f"[{stage}] {len(dataset)} samples, {n_trainable / 1e6:.2f}M trainable params, "
@@ -201,10 +212,10 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
             f"device {env.device}" + (f", targets {cfg.train.targets}" if cfg.teachers else ""))
 
     # -- the loop
-    it: Iterator[dict[str, Any]] = iter(loader)
     display = TrainDisplay(stage, cfg.train.max_steps, start_step, enabled=env.main and progress)
     stop_at = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, start_step + cfg.train.stop_after)
     step = start_step
+    saved_at = start_step if resume_from is not None else -1
     model.train()
     with display:
         while step < stop_at:
@@ -229,7 +240,7 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
                 loss.backward()
                 for k, v in out.items():
                     if k.startswith("loss"):
-                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
             opt.step()
             sched.step()
@@ -248,6 +259,7 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
             if env.main and cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
                 ckpt.save_periodic(stage_dir, weights=model.trainable_state_dict(), optimizer=opt, scheduler=sched,
                                    step=step, stage=stage, config=cfg.to_dict())
+                saved_at = step
             if env.world > 1:
                 torch.distributed.barrier()
     if metrics_f is not None:
@@ -261,8 +273,9 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
             ckpt.mark_done(final)
             log(f"[{stage}] done: {final}")
         else:  # stopped early on purpose (train.stop_after): leave a resumable checkpoint
-            ckpt.save_periodic(stage_dir, weights=model.trainable_state_dict(), optimizer=opt, scheduler=sched,
-                               step=step, stage=stage, config=cfg.to_dict())
+            if saved_at != step:  # (re-saving the step just saved would only replace it with an equal copy)
+                ckpt.save_periodic(stage_dir, weights=model.trainable_state_dict(), optimizer=opt,
+                                   scheduler=sched, step=step, stage=stage, config=cfg.to_dict())
             log(f"[{stage}] stopped at step {step}/{cfg.train.max_steps}; continue with --resume")
     if env.world > 1:
         torch.distributed.barrier()
@@ -270,7 +283,7 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume drop logged rows after the checkpoint step (they will be produced again)."""
+    """Drop logged rows after ``step`` (the resume point; 0 on a fresh start): they will be produced again."""
     if not path.is_file():
         return
     rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
