@@ -163,6 +163,12 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
         kept = check_targets(dataset, reader, cfg) if reader is not None else {}
     except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
         raise SystemExit(f"[{stage}] {e}") from e
+    if env.world > 1 and reader is not None:
+        # every rank must shard the SAME sample list: rank 0's view of the store decides (a store still being
+        # built could otherwise give ranks different skip lists and so overlapping/missing samples)
+        box = [dataset.active_indices if env.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        dataset.set_active(box[0])
     if env.main and kept.get("skipped"):
         log(f"[{stage}] skipped {kept['skipped']} sample(s) whose targets are missing/failed in the store")
     loader = build_dataloader(dataset, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
