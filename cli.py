@@ -20,8 +20,9 @@ from rich.table import Table
 # our own rich progress replaces transformers' per-load "Loading weights" bars (set before it is imported)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-console = Console(stderr=True)
-out = Console()
+# without a terminal (logs, CI) rich assumes 80 columns and squeezes the tables; logs can be wider
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+out = Console(width=None if sys.stdout.isatty() else 120)
 
 olacache_app = typer.Typer(
     name="olacache",
@@ -186,7 +187,7 @@ def info_cmd(
     if json_out:
         out.print_json(json.dumps(info, default=str))
         return
-    out.print(f"[bold]{info['store']}[/] ({info['format']} v{info['format_version']}, {info['created_by']})")
+    out.print(f"[bold]{info['store']}[/] ({info['format']}, format v{info['format_version']}, {info['created_by']})")
     out.print(f"{info['n_images']} images, {info['n_shards']} shards of {info['shard_size']}, "
               f"{_human(info['bytes'])} on disk, fingerprint {info['fingerprint'][:16]}")
     tab = Table()
