@@ -555,9 +555,17 @@ def channel_stats(store: EmbeddingStore, teacher: str, max_rows: int = 256, seed
         return {}
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(ok, size=min(max_rows, len(ok)), replace=False))
-    x = store.read_rows(teacher, rows).astype(np.float64)
-    x = x.reshape(-1, x.shape[-1])
-    return {"channel_mean": x.mean(0).tolist(), "channel_std": x.std(0).tolist(), "stats_rows": int(len(rows))}
+    # accumulate in float64 over small row chunks: one float64 copy of 256 seg rows would be 1.8 GB
+    c = store.target_shape(teacher)[-1]
+    s1, s2, n = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(rows), 16):
+        x = store.read_rows(teacher, rows[i : i + 16]).reshape(-1, c)
+        s1 += x.sum(0, dtype=np.float64)
+        s2 += np.square(x, dtype=np.float64).sum(0)
+        n += len(x)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "stats_rows": int(len(rows))}
 
 
 def summarize(store: EmbeddingStore, cfg: BuildConfig, samples: list[dict], text_only: int,
