@@ -96,6 +96,10 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint dir of the previous stage; default: previous stage's final
     targets: str = "cached"  # "cached" (read the store) or "online" (run the olacache teachers live)
     teacher_preset: str = "tiny"  # for targets=online: the preset the store was built with
+    # for targets=online: per-teacher checkpoint dirs/hub ids and options (e.g. {depth: {bgr_quirk: true}}),
+    # to match the weights/preprocessing a store was built with
+    teacher_sources: dict[str, str] = field(default_factory=dict)
+    teacher_options: dict[str, dict] = field(default_factory=dict)
     max_steps: int = 100
     # end this invocation after this many more steps, leaving a resumable checkpoint (schedule unchanged);
     # for time-sliced jobs and the resume test

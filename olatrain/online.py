@@ -16,12 +16,15 @@ import torch
 
 class OnlineTargets:
     def __init__(self, teachers: Sequence[str], *, preset: str, image_root: str | Path,
-                 device: str | torch.device = "cpu", options: dict[str, dict] | None = None):
+                 device: str | torch.device = "cpu", sources: dict[str, str] | None = None,
+                 options: dict[str, dict] | None = None):
         from olacache.teachers import load_teacher  # lazy on purpose: see the module docstring
 
         self.root = Path(image_root)
         self.device = torch.device(device)
-        self.teachers = {t: load_teacher(t, preset=preset, device=self.device, options=(options or {}).get(t))
+        sources, options = sources or {}, options or {}
+        self.teachers = {t: load_teacher(t, preset=preset, source=sources.get(t), device=self.device,
+                                         options=options.get(t))
                          for t in teachers}
         self.shapes = {t: tuple(m.target_shape) for t, m in self.teachers.items()}
 

@@ -116,7 +116,8 @@ def open_targets(cfg: Config, env: Env) -> tuple[Any, Any, dict[str, tuple[int, 
         from olatrain.online import OnlineTargets  # the one lazy door to live teachers
 
         online = OnlineTargets(teachers, preset=cfg.train.teacher_preset, image_root=cfg.data.image_root,
-                               device=env.device)
+                               device=env.device, sources=cfg.train.teacher_sources,
+                               options=cfg.train.teacher_options)
         return None, online, online.shapes
     from olacache.store import StoreError, TargetReader
 
@@ -226,16 +227,18 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
     with display:
         while step < stop_at:
             t_step = time.perf_counter()
-            t_data = 0.0
+            t_data = t_teacher = 0.0
             sums: dict[str, float] = {}
             n_samples = 0
             for micro in range(cfg.train.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(it)
-                if online is not None:
-                    batch["targets"], batch["target_mask"] = online(batch["image_paths"], batch["has_image"])
-                batch = to_device(batch, env.device)
                 t_data += time.perf_counter() - t0
+                if online is not None:  # live teachers: timed apart, so data_wait still means the loader
+                    t0 = time.perf_counter()
+                    batch["targets"], batch["target_mask"] = online(batch["image_paths"], batch["has_image"])
+                    t_teacher += time.perf_counter() - t0
+                batch = to_device(batch, env.device)
                 n_samples += batch["input_ids"].shape[0]
                 last = micro == cfg.train.grad_accum - 1
                 sync = contextlib.nullcontext() if (last or env.world == 1) else ddp.no_sync()
@@ -258,6 +261,8 @@ def train_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume:
                 row.update(step=step, stage=stage, lr=sched.get_last_lr()[0],
                            grad_norm=float(grad_norm) if grad_norm is not None else None,
                            samples_per_s=n_samples * env.world / dt, step_time=dt, data_wait=t_data / dt)
+                if online is not None:
+                    row["teacher_time"] = t_teacher / dt
                 if metrics_f is not None:
                     metrics_f.write(json.dumps(row) + "\n")
                     metrics_f.flush()
