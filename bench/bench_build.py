@@ -23,9 +23,12 @@ Everything is warm: one untimed forward runs first so oneDNN/MKL start-up is not
 measurement happens to come first. Measurements are interleaved per round (forward, build per workers value,
 reference loop) and the forward is timed again after the last round; ratios use the median of each kind.
 
-    python bench/bench_build.py                           # defaults: 64 images, batch 16, workers 2 and 0
-    python bench/bench_build.py --images 128 --repeats 2  # more evidence (~4x longer)
-    python bench/bench_build.py --no-ref --no-sizes       # overhead only
+Machines shared with other jobs: pass --threads 1. With 2 OpenMP threads and a core taken by someone else, the
+waiting thread spins, so wall time AND CPU-s swing (batch-1 forwards suffer most).
+
+    python bench/bench_build.py                                 # 64 images, batch 16, workers 2 and 0; ~5 min
+    python bench/bench_build.py --images 64 --repeats 2 --threads 1   # the README run (~9 min)
+    python bench/bench_build.py --no-ref --no-sizes             # overhead only
 """
 
 from __future__ import annotations
@@ -199,6 +202,27 @@ def sizes(tmp: Path) -> list[str]:
     return lines
 
 
+def channel_stats_check(tmp: Path, n: int = 256, shape: tuple[int, int] = (576, 1536)) -> None:
+    """`olacache.build.channel_stats` (run by build() at the end, per teacher, over <= 256 rows) on a real-size
+    seg column: time and the rise of this process's peak RSS."""
+    import numpy as np
+
+    from olacache.build import channel_stats
+    from olacache.store import OK, EmbeddingStore
+
+    with EmbeddingStore.create(tmp / "stats.zarr", [f"s/{i}.jpg" for i in range(n)], shard_size=n) as s:
+        s.add_teacher("seg", shape)
+        x = np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32)
+        s.write_shard("seg", 0, x, np.full(n, OK, np.uint8), [""] * n)
+        del x
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with Clock() as c:
+            channel_stats(s, "seg")
+        r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"channel_stats over {n} rows of {shape}: {c.wall:.2f}s wall, {c.cpu:.2f} CPU-s; peak RSS {r0:.0f} -> "
+          f"{r1:.0f} MB")
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,14 +231,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 0])
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds (forward, builds, reference loop)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads of this process (0 = torch's default); with 1, CPU-s are free of "
+                         "OpenMP spin-waiting when other jobs share the cores (DataLoader workers always use 1)")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference-style per-image loop")
     ap.add_argument("--no-sizes", action="store_true", help="skip the fp16/int8 bytes table")
     ap.add_argument("--tmp", default=None, help="work dir (default: a fresh temp dir, removed at the end)")
+    ap.add_argument("--channel-stats-check", action="store_true",
+                    help="only time build()'s channel_stats on a real-size (256 x 576 x 1536) column")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_build_", dir=args.tmp))
     try:
         print(f"machine: {machine()}", flush=True)
+        if args.channel_stats_check:
+            channel_stats_check(tmp)
+            return
         source = save_dav2_small(tmp / "dav2-small")
         ann, rels = make_images(tmp / "data", args.images)
         image_root = tmp / "data" / "images"
