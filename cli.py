@@ -85,8 +85,8 @@ def build_cmd(
         TimeRemainingColumn,
     )
 
-    from olacache.annotations import AnnotationError
     from olacache.build import BuildConfig, BuildError, build
+    from olacache.inputs.annotations import AnnotationError
     from olacache.store import StoreError
 
     cli = dict(

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from olacache.build import BuildConfig, build  # noqa: E402
-from olacache.images import load_rgb  # noqa: E402
+from olacache.inputs.images import load_rgb  # noqa: E402
 from olacache.teachers import load_teacher  # noqa: E402
 from olacache.teachers.base import write_preset_marker  # noqa: E402
 
@@ -207,7 +207,7 @@ def channel_stats_check(tmp: Path, n: int = 256, shape: tuple[int, int] = (576, 
     seg column: time and the rise of this process's peak RSS."""
     import numpy as np
 
-    from olacache.build import channel_stats
+    from olacache.stats import channel_stats
     from olacache.store import OK, EmbeddingStore
 
     with EmbeddingStore.create(tmp / "stats.zarr", [f"s/{i}.jpg" for i in range(n)], shard_size=n) as s:

@@ -37,7 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olacache.store import OK, EmbeddingStore, TargetReader, _new_batch  # noqa: E402
+from olacache.store import OK, EmbeddingStore, TargetReader  # noqa: E402
+from olacache.store.reader import _new_batch  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- data
 

@@ -189,24 +189,24 @@ def account(spec: dict[str, Any]) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from olatrain.config import load_run
-    from olatrain.data import ConversationDataset, build_dataloader, check_targets
+    from olatrain.data import ConversationDataset, build_dataloader, check_targets, load_image_processor
     from olatrain.model import build_model
-    from olatrain.predictors import TaskTokenResampler
-    from olatrain.presets import load_image_processor, load_tokenizer
-    from olatrain.train import open_targets, seed_everything, setup_env
+    from olatrain.model.predictors import TaskTokenResampler
+    from olatrain.presets import load_tokenizer
+    from olatrain.train import open_targets, seed_everything, trainer_runtime
 
     cfg = load_run(None, spec["overrides"]).configs["pt"]
-    env = setup_env(cfg)
+    rt, _ = trainer_runtime(cfg)
     seed_everything(cfg.train.seed)
     tok, proc = load_tokenizer(cfg), load_image_processor(cfg)
-    reader, online, shapes = open_targets(cfg, env)
+    reader, online, shapes = open_targets(cfg, rt.device)
     ds = ConversationDataset(cfg, tok, proc, reader, cfg.teachers)
     if reader is not None:
         check_targets(ds, reader, cfg)
     loader = build_dataloader(ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed, rank=0,
                               world_size=1, num_workers=0)
     batch = next(iter(loader))
-    model = build_model(cfg, shapes, device=env.device, tokenizer=tok)
+    model = build_model(cfg, shapes, device=rt.device, tokenizer=tok)
     model.set_stage("pt")
     model.train()
     where = ["other"]
@@ -260,7 +260,7 @@ def flops_at_scale(text_tokens: int) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from olatrain.predictors import TaskTokenResampler
+    from olatrain.model.predictors import TaskTokenResampler
 
     def count(fn) -> float:  # noqa: ANN001
         with FlopCounterMode(display=False) as fc:
@@ -330,7 +330,7 @@ def predictor_attention_check(n_kv: int = 725, batch: int = 4, hidden: int = 512
     attn @ v; reproduced below). Shapes of the bench's mid-size run: B=4, ~725 K/V positions, 576 queries."""
     import torch
 
-    from olatrain.predictors import PerceiverAttention, TaskTokenResampler
+    from olatrain.model.predictors import PerceiverAttention, TaskTokenResampler
 
     class ExplicitAttention(PerceiverAttention):
         def forward(self, x, latents, x_mask=None):  # noqa: ANN001, ANN202

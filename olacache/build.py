@@ -1,41 +1,48 @@
 """The build: run frozen teachers once, batched, over a dataset's unique images, into an embedding store.
 
-Pipeline (one process per GPU under torchrun; one process on CPU):
+Pipeline (one process per GPU under torchrun; one process on CPU), numbered as in :func:`build`:
 
-    annotations -> unique normalised image paths (row order fixed, sorted)
-    -> pending shards (a shard is complete iff its status chunk says so; complete shards are never redone)
-    -> this rank's shards (shard i belongs to rank i % world: disjoint, no DistributedSampler padding)
-    -> DataLoader workers decode + preprocess per teacher; batches never cross a shard boundary, so a
+    1. annotations -> unique normalised image paths (row order fixed, sorted)
+    2. teachers, then the store and its columns (every mismatch refused before any work)
+    3. pending shards (a shard is complete iff its status chunk says so; complete shards are never redone)
+       -> this rank's shards (shard i belongs to rank i % world: disjoint, no DistributedSampler padding)
+    4. DataLoader workers decode + preprocess per teacher; batches never cross a shard boundary, so a
        resumed build feeds the teacher exactly the batches an uninterrupted one would (identical targets)
-    -> batched teacher forward (inference_mode; bf16 autocast on CUDA)
-    -> whole-shard buffers -> a background writer thread (I/O overlaps compute) -> store.write_shard,
-       which writes data first and the status chunk last (the completion marker).
+       -> batched teacher forward (inference_mode; bf16 autocast on CUDA)
+       -> whole-shard buffers -> a background writer thread (I/O overlaps compute) -> store.write_shard,
+       which writes data first and the status chunk last (the completion marker)
+    5. summary + per-channel statistics (rank 0)
 
 Bad images never abort the build: decode failures and per-image forward failures become FAILED rows with a
-reason; text-only samples are skipped (they have no image).
+reason; text-only samples are skipped (they have no image). The moving parts live in ``shards.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from olacache import __version__
-from olacache.annotations import load_annotations, unique_images
-from olacache.images import ImageError, load_rgb
-from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreMismatch, image_set_fingerprint
+from olacache.common.configio import ConfigError, build_dataclass, load_yaml_file
+from olacache.common.runtime import Runtime, init_runtime
+from olacache.inputs.annotations import load_annotations, unique_images
+from olacache.shards import (
+    ShardBuffer,
+    ShardImages,
+    ShardWriter,
+    forward_isolating_failures,
+    identity_collate,
+    plan_batches,
+)
+from olacache.stats import channel_stats
+from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreMismatch, int8_cosines
 
 ALL_TEACHERS = ("depth", "seg", "gen")
 
@@ -64,16 +71,14 @@ class BuildConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **cli: Any) -> BuildConfig:
-        """YAML/JSON file values, then CLI values that were actually given (not None) on top."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise BuildError(f"{path}: expected a mapping of build options")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise BuildError(f"{path}: unknown build option(s) {sorted(unknown)}; valid: {sorted(known)}")
-        data.update({k: v for k, v in cli.items() if v is not None})
-        return cls(**data)
+        """YAML/JSON file values (read like every config: YAML-1.2 scalars, typed fields), then CLI values that
+        were actually given (not None) on top."""
+        try:
+            data = load_yaml_file(path, "build config")
+            data.update({k: v for k, v in cli.items() if v is not None})
+            return build_dataclass(cls, data, str(path))
+        except ConfigError as e:
+            raise BuildError(str(e)) from None
 
 
 @dataclass
@@ -107,176 +112,6 @@ class BuildSummary:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def init_dist(device: torch.device) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU (tests), nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------------------------- data
-class ShardImages(torch.utils.data.Dataset):
-    """Items are whole batches (lists of rows inside one shard): decode once, preprocess for every teacher
-    that still needs that shard. Runs in DataLoader workers; holds only picklable preprocessors."""
-
-    def __init__(self, image_root: Path, paths: Sequence[str], batches: list[tuple[int, list[int]]],
-                 shard_teachers: dict[int, list[str]], preprocessors: dict[str, Callable]):
-        self.root = image_root
-        self.paths = paths
-        self.batches = batches
-        self.shard_teachers = shard_teachers
-        self.pre = preprocessors
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        shard, rows = self.batches[i]
-        teachers = self.shard_teachers[shard]
-        ok_rows: list[int] = []
-        failed: dict[int, str] = {}
-        pix: dict[str, list[torch.Tensor]] = {t: [] for t in teachers}
-        for r in rows:
-            try:
-                img = load_rgb(self.root / self.paths[r])
-                per = {t: self.pre[t](img) for t in teachers}
-            except ImageError as e:
-                failed[r] = e.reason
-                continue
-            except Exception as e:  # a preprocessor choking on a valid-but-odd image: record, don't abort
-                failed[r] = f"preprocessing failed: {type(e).__name__}: {e}"
-                continue
-            ok_rows.append(r)
-            for t in teachers:
-                pix[t].append(per[t])
-        return {
-            "shard": shard,
-            "rows": rows,
-            "ok_rows": ok_rows,
-            "failed": failed,
-            "pixels": {t: torch.stack(v) if v else None for t, v in pix.items()},
-        }
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def plan_batches(shards: Sequence[int], shard_rows: Callable[[int], range], batch_size: int) -> list[tuple[int, list[int]]]:
-    """Fixed batch composition: a shard's rows in order, cut every batch_size. Independent of which shards
-    are pending, so a resumed build forwards exactly the batches of an uninterrupted one."""
-    out = []
-    for s in shards:
-        rows = list(shard_rows(s))
-        out += [(s, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- writer
-class ShardWriter:
-    """Background thread that writes whole shards; the bounded queue applies back-pressure (at most
-    `depth` finished shards wait in host memory). Errors surface in the main thread at the next put/close."""
-
-    def __init__(self, store: EmbeddingStore, depth: int = 2, on_written: Callable[[int, str], None] | None = None):
-        self.store = store
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.on_written = on_written
-        self.thread = threading.Thread(target=self._run, name="olacache-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            shard, teacher, values, status, errors = item
-            try:
-                self.store.write_shard(teacher, shard, values, status, errors)
-                if self.on_written:
-                    self.on_written(shard, teacher)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                self.error = e
-
-    def put(self, shard: int, teacher: str, values: np.ndarray, status: np.ndarray, errors: list[str]) -> None:
-        self._check()
-        self.q.put((shard, teacher, values, status, errors))
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing to the store failed: {self.error}") from self.error
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        self._check()
-
-
-class ShardBuffer:
-    """Accumulates one shard's targets for one teacher until every row has a result."""
-
-    def __init__(self, rows: range, shape: tuple[int, ...]):
-        self.start = rows.start
-        self.n = len(rows)
-        self.values = np.zeros((self.n, *shape), dtype=np.float32)
-        self.status = np.full(self.n, MISSING, dtype=np.uint8)
-        self.errors = [""] * self.n
-
-    def put_ok(self, rows: Sequence[int], values: np.ndarray) -> None:
-        idx = np.asarray(rows) - self.start
-        self.values[idx] = values
-        self.status[idx] = OK
-
-    def put_failed(self, row: int, reason: str) -> None:
-        self.status[row - self.start] = FAILED
-        self.errors[row - self.start] = reason
-
-    @property
-    def done(self) -> bool:
-        return bool((self.status != MISSING).all())
-
-
 # ----------------------------------------------------------------------------------------------- store setup
 def teacher_attrs(teacher: Any, *, preset: str, options: dict | None, image_root: str) -> dict[str, Any]:
     # preset/options/image_root are recorded (not compared) so `verify --recompute` can rebuild the teacher
@@ -291,64 +126,20 @@ def teacher_attrs(teacher: Any, *, preset: str, options: dict | None, image_root
     }
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
+# What must match for a resume: weights (by content hash, not by path: a tiny preset regenerated under another
+# cache dir is the same teacher), preprocessing/target spec, dtype and shape.
+COMPARED_KEYS = ("identity.weights_sha256", "identity.random_init", "spec", "dtype", "target_shape")
 
 
-def describe_difference(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable list of differing keys between two (nested) attribute dicts."""
-    out: list[str] = []
-    for k in sorted(set(have) | set(want)):
-        a, b = have.get(k, "<absent>"), want.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += describe_difference(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: store has {a!r}, this build has {b!r}")
-    return out
-
-
-COMPARED_KEYS = ("identity", "spec", "dtype", "target_shape")
-
-
-def _comparable(attrs: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a resume: weights (by content hash, not by path: a tiny preset regenerated under
-    another cache dir is the same teacher), preprocessing/target spec, dtype and shape."""
-    out = {k: attrs.get(k) for k in COMPARED_KEYS}
-    ident = attrs.get("identity") or {}
-    out["identity"] = {k: ident.get(k) for k in ("weights_sha256", "random_init")}
-    if out["target_shape"] is not None:
-        out["target_shape"] = list(out["target_shape"])
-    return out
-
-
-def check_image_set(store: EmbeddingStore, paths: list[str]) -> None:
-    if store.fingerprint == image_set_fingerprint(paths):
-        return
-    have, want = set(store.image_paths), set(paths)
-    added, removed = sorted(want - have), sorted(have - want)
-    detail = []
-    if added:
-        detail.append(f"{len(added)} image(s) not in the store, e.g. {added[:3]}")
-    if removed:
-        detail.append(f"{len(removed)} store image(s) not in the annotations, e.g. {removed[:3]}")
-    if not detail:
-        detail.append("same images in a different order")
-    raise StoreMismatch(
-        f"store {store.url} was built for a different image set ({store.n_images} images; "
-        f"annotations give {len(paths)}): {'; '.join(detail)}. Build a new store (--out elsewhere) "
-        "for a different image set."
-    )
-
-
-def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], dist: Dist) -> EmbeddingStore:
+def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], rt: Runtime) -> EmbeddingStore:
     """Create or open the store and its teacher columns on rank 0, then open it on the other ranks.
-    Every mismatch is raised before any teacher forward runs."""
+    Every mismatch is raised before any teacher forward runs (the store's own compatibility checks)."""
     err: str | None = None
-    if dist.main:
+    if rt.main:
         try:
             if EmbeddingStore.exists(cfg.out):
                 store = EmbeddingStore.open(cfg.out, mode="r+")
-                check_image_set(store, paths)
+                store.require_image_set(paths)
                 if store.shard_size != cfg.shard_size:
                     # the shard size is part of the layout; resuming keeps the store's own
                     cfg.shard_size = store.shard_size
@@ -358,52 +149,40 @@ def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], 
                 store = EmbeddingStore.create(cfg.out, paths, shard_size=cfg.shard_size, format=cfg.format,
                                               created_by=f"olacache {__version__}")
             for name, t in teachers.items():
-                ov = cfg.teacher_overrides.get(name, {})
-                new = _jsonable(teacher_attrs(t, preset=ov.get("preset", cfg.preset),
-                                              options=ov.get("options"), image_root=cfg.image_root))
-                want = {**new, "dtype": cfg.dtype, "target_shape": list(t.target_shape)}
-                if name not in store.teachers:
-                    store.add_teacher(name, tuple(t.target_shape), dtype=cfg.dtype, attrs=new)
-                    continue
-                have = store.teacher_attrs(name)
-                diff = describe_difference(_comparable(have), _comparable(want))
-                if not diff:
-                    continue
-                if name in cfg.overwrite_teacher:
-                    store.add_teacher(name, tuple(t.target_shape), dtype=cfg.dtype, attrs=new, replace=True)
-                else:
-                    raise StoreMismatch(
-                        f"store {cfg.out}: column {name!r} was built differently: " + "; ".join(diff)
-                        + f". Use --overwrite-teacher {name} to replace that column on purpose, "
-                        "or --out a new store."
-                    )
+                _prepare_column(store, cfg, name, t)
             store.close()
         except Exception as e:
             err = f"{type(e).__name__}: {e}"
-            if dist.world == 1:
+            if not rt.distributed:
                 raise
-    err = dist.broadcast_object(err)
+    err = rt.broadcast_object(err)
     if err is not None:
         raise BuildError(err)
     return EmbeddingStore.open(cfg.out, mode="r+")
 
 
-# ----------------------------------------------------------------------------------------------- build
-def _forward_isolating_failures(teacher: Any, pixels: torch.Tensor, rows: list[int]) -> tuple[list[int], np.ndarray | None, dict[int, str]]:
-    """Batched forward; if the batch raises, retry image by image so one bad input fails alone."""
+def _prepare_column(store: EmbeddingStore, cfg: BuildConfig, name: str, teacher: Any) -> None:
+    ov = cfg.teacher_overrides.get(name, {})
+    attrs = teacher_attrs(teacher, preset=ov.get("preset", cfg.preset), options=ov.get("options"),
+                          image_root=cfg.image_root)
+    shape = tuple(teacher.target_shape)
+    if name not in store.teachers:
+        store.add_teacher(name, shape, dtype=cfg.dtype, attrs=attrs, kind=teacher.target_kind)
+        return
+    want = {"identity.weights_sha256": attrs["identity"].get("weights_sha256"),
+            "identity.random_init": attrs["identity"].get("random_init"),
+            "spec": attrs["spec"], "dtype": cfg.dtype, "target_shape": list(shape)}
+    assert tuple(want) == COMPARED_KEYS
     try:
-        return rows, teacher.forward(pixels).numpy(), {}
-    except Exception:
-        ok, vals, failed = [], [], {}
-        for i, r in enumerate(rows):
-            try:
-                vals.append(teacher.forward(pixels[i : i + 1]).numpy())
-                ok.append(r)
-            except Exception as e:
-                failed[r] = f"teacher forward failed: {type(e).__name__}: {e}"
-        return ok, (np.concatenate(vals) if vals else None), failed
+        store.require_teacher_attrs(name, want)
+    except StoreMismatch as e:
+        if name not in cfg.overwrite_teacher:
+            raise StoreMismatch(f"{e}. Use --overwrite-teacher {name} to replace that column on purpose, "
+                                "or --out a new store.") from None
+        store.add_teacher(name, shape, dtype=cfg.dtype, attrs=attrs, kind=teacher.target_kind, replace=True)
 
 
+# ----------------------------------------------------------------------------------------------- build
 def load_teachers(cfg: BuildConfig, device: torch.device) -> dict[str, Any]:
     # imported here so `olacache info` / the trainer's store reader never pull in teacher code
     from olacache.teachers import TEACHERS, load_teacher
@@ -419,10 +198,8 @@ def load_teachers(cfg: BuildConfig, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None = None,
-          log: Callable[[str], None] = print) -> BuildSummary:
-    """Run a (resumable, optionally distributed) build. `progress(done, total, ok)` is called per batch."""
-    t0 = time.perf_counter()
+def check_config(cfg: BuildConfig) -> None:
+    """Refuse bad options before anything is loaded or written."""
     if cfg.dtype not in ("float16", "int8"):
         raise BuildError(f"--dtype must be float16 or int8, got {cfg.dtype!r}")
     if cfg.format not in ("zarr", "hdf5"):
@@ -434,9 +211,15 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
     unknown_ow = set(cfg.overwrite_teacher) - set(cfg.teachers)
     if unknown_ow:
         raise BuildError(f"--overwrite-teacher {sorted(unknown_ow)} is not among --teachers {cfg.teachers}")
-    root = Path(cfg.image_root)
-    if not root.is_dir():
-        raise BuildError(f"image root {root} is not a directory")
+    if not Path(cfg.image_root).is_dir():
+        raise BuildError(f"image root {cfg.image_root} is not a directory")
+
+
+def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None = None,
+          log: Callable[[str], None] = print) -> BuildSummary:
+    """Run a (resumable, optionally distributed) build. `progress(done, total, ok)` is called per batch."""
+    t0 = time.perf_counter()
+    check_config(cfg)
 
     # 1. annotations -> unique images (fails fast, naming the entry, before any teacher is loaded)
     samples = load_annotations(cfg.annotations)
@@ -444,45 +227,59 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
     text_only = sum(1 for s in samples if not s.get("image"))
     if not paths:
         raise BuildError(f"{cfg.annotations}: no sample has an image; nothing to build")
-
-    dist_device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_dist(dist_device)
-    if cfg.format == "hdf5" and dist.world > 1:
+    rt = init_runtime(cfg.device)
+    if cfg.format == "hdf5" and rt.distributed:
         raise BuildError("HDF5 stores have a single writer; use --format zarr for torchrun builds")
-    device = dist_device
 
     # 2. teachers, then the store (all mismatches are refused here, before any work)
-    teachers = load_teachers(cfg, device)
-    store = prepare_store(cfg, paths, teachers, dist)
+    teachers = load_teachers(cfg, rt.device)
+    store = prepare_store(cfg, paths, teachers, rt)
 
-    # 3. pending shards: any teacher whose status chunk for the shard is incomplete
+    # 3. pending shards: any teacher whose status chunk for the shard is incomplete; this rank's share
     complete = {t: store.complete_shards(t) for t in teachers}
-    pending_all = [s for s in range(store.n_shards) if not all(complete[t][s] for t in teachers)]
-    shard_teachers = {s: [t for t in teachers if not complete[t][s]] for s in pending_all}
-    mine = [s for s in pending_all if s % dist.world == dist.rank]
+    pending = [s for s in range(store.n_shards) if not all(complete[t][s] for t in teachers)]
+    shard_teachers = {s: [t for t in teachers if not complete[t][s]] for s in pending}
+    mine = [s for s in pending if s % rt.world == rt.rank]
+    if rt.main:
+        log(f"{store.n_images} images in {store.n_shards} shards of {store.shard_size}; "
+            f"{store.n_shards - len(pending)} complete, {len(pending)} to compute"
+            + (f" over {rt.world} ranks" if rt.distributed else ""))
+
+    # 4. decode in workers, forward in batches, write whole shards in the background
+    computed, int8_cos = compute_shards(cfg, store, teachers, mine, shard_teachers, rt.device, progress)
+
+    # 5. summary + per-channel stats (rank 0; from the store itself, so resumed builds are covered too)
+    rt.barrier()
+    computed_all = sum(rt.gather_objects(computed))
+    cos_all = rt.gather_objects({t: np.concatenate(v).tolist() if v else [] for t, v in int8_cos.items()})
+    summary: BuildSummary | None = None
+    if rt.main:
+        record_column_stats(store, cfg, list(teachers), cos_all)
+        summary = summarize(store, cfg, samples, text_only, len(pending), computed_all, time.perf_counter() - t0)
+    store.close()
+    return rt.broadcast_object(summary)
+
+
+def compute_shards(cfg: BuildConfig, store: EmbeddingStore, teachers: dict[str, Any], mine: list[int],
+                   shard_teachers: dict[int, list[str]], device: torch.device,
+                   progress: Callable[[int, int, int], None] | None) -> tuple[int, dict[str, list[np.ndarray]]]:
+    """Step 4 for this rank's shards -> (images computed, int8 round-trip cosines per teacher)."""
     batches = plan_batches(mine, store.shard_rows, cfg.batch_size)
     n_mine = sum(len(store.shard_rows(s)) for s in mine)
-    if dist.main:
-        log(f"{store.n_images} images in {store.n_shards} shards of {store.shard_size}; "
-            f"{store.n_shards - len(pending_all)} complete, {len(pending_all)} to compute"
-            + (f" over {dist.world} ranks" if dist.world > 1 else ""))
-
-    ds = ShardImages(root, store.image_paths, batches, shard_teachers,
+    ds = ShardImages(Path(cfg.image_root), store.image_paths, batches, shard_teachers,
                      {t: teachers[t].preprocessor() for t in teachers})
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=cfg.workers,
-        collate_fn=_identity, pin_memory=device.type == "cuda",
+        collate_fn=identity_collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.workers > 0 else None,
         # forked workers are safe here: they touch no store handle (the store is written by this process only)
         persistent_workers=False,
     )
-
     buffers: dict[tuple[int, str], ShardBuffer] = {}
     computed = 0
     int8_cos: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
     writer = ShardWriter(store)
     try:
-        done = 0
         for item in loader:
             shard = item["shard"]
             for t in shard_teachers[shard]:
@@ -493,7 +290,7 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
                 for r, reason in item["failed"].items():
                     buf.put_failed(r, reason)
                 if item["ok_rows"]:
-                    ok, vals, failed = _forward_isolating_failures(teachers[t], item["pixels"][t], item["ok_rows"])
+                    ok, vals, failed = forward_isolating_failures(teachers[t], item["pixels"][t], item["ok_rows"])
                     if vals is not None:
                         buf.put_ok(ok, vals)
                         if cfg.dtype == "int8" and len(int8_cos[t]) < 64:
@@ -504,68 +301,28 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
                     writer.put(shard, t, buf.values, buf.status, buf.errors)
                     del buffers[key]
             computed += len(item["rows"])
-            done += len(item["rows"])
             if progress:
-                progress(done, n_mine, len(item["ok_rows"]))
+                progress(computed, n_mine, len(item["ok_rows"]))
     finally:
         writer.close()
-    leftover = [k for k in buffers]
-    if leftover:  # cannot happen unless the loader dropped batches; never mark such shards complete
-        raise RuntimeError(f"internal error: incomplete shard buffers {leftover}")
-
-    dist.barrier()
-    # 4. summary + per-channel stats (rank 0; from the store itself, so resumed builds are covered too)
-    computed_all = sum(dist.gather_objects(computed))
-    cos_all = dist.gather_objects({t: np.concatenate(v).tolist() if v else [] for t, v in int8_cos.items()})
-    seconds = time.perf_counter() - t0
-    summary_box: BuildSummary | None = None
-    if dist.main:
-        for t in teachers:
-            cs = [c for d in cos_all for c in d[t]]
-            extra: dict[str, Any] = {}
-            if cs:
-                extra = {"int8_cosine_mean": float(np.mean(cs)), "int8_cosine_min": float(np.min(cs))}
-            elif cfg.dtype == "int8":
-                prev = store.teacher_attrs(t)
-                extra = {k: prev[k] for k in ("int8_cosine_mean", "int8_cosine_min") if k in prev}
-            extra.update(channel_stats(store, t))
-            store.set_teacher_attrs(t, **extra)
-        summary_box = summarize(store, cfg, samples, text_only, len(pending_all), computed_all, seconds)
-    store.close()
-    summary_box = dist.broadcast_object(summary_box)
-    return summary_box
+    if buffers:  # cannot happen unless the loader dropped batches; never mark such shards complete
+        raise RuntimeError(f"internal error: incomplete shard buffers {list(buffers)}")
+    return computed, int8_cos
 
 
-def int8_cosines(values: np.ndarray) -> np.ndarray:
-    """Per-image cosine between float32 targets and their int8 round trip (the store's quantiser)."""
-    from olacache.store import dequantize_int8, quantize_int8
-
-    q, scale = quantize_int8(values)
-    rec = dequantize_int8(q, scale).astype(np.float32)
-    a = values.reshape(len(values), -1).astype(np.float64)
-    b = rec.reshape(len(values), -1).astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 1.0)
-
-
-def channel_stats(store: EmbeddingStore, teacher: str, max_rows: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Per-channel mean/std over up to `max_rows` random OK images (stored in the column attrs)."""
-    ok = np.flatnonzero(store.status(teacher) == OK)
-    if len(ok) == 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(ok, size=min(max_rows, len(ok)), replace=False))
-    # accumulate in float64 over small row chunks: one float64 copy of 256 seg rows would be 1.8 GB
-    c = store.target_shape(teacher)[-1]
-    s1, s2, n = np.zeros(c), np.zeros(c), 0
-    for i in range(0, len(rows), 16):
-        x = store.read_rows(teacher, rows[i : i + 16]).reshape(-1, c)
-        s1 += x.sum(0, dtype=np.float64)
-        s2 += np.square(x, dtype=np.float64).sum(0)
-        n += len(x)
-    mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
-    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "stats_rows": int(len(rows))}
+def record_column_stats(store: EmbeddingStore, cfg: BuildConfig, teachers: list[str],
+                        cos_all: list[dict[str, list[float]]]) -> None:
+    """int8 round-trip cosines and per-channel mean/std into each built column's attrs (rank 0)."""
+    for t in teachers:
+        cs = [c for d in cos_all for c in d[t]]
+        extra: dict[str, Any] = {}
+        if cs:
+            extra = {"int8_cosine_mean": float(np.mean(cs)), "int8_cosine_min": float(np.min(cs))}
+        elif cfg.dtype == "int8":
+            prev = store.teacher_attrs(t)
+            extra = {k: prev[k] for k in ("int8_cosine_mean", "int8_cosine_min") if k in prev}
+        extra.update(channel_stats(store, t))
+        store.set_teacher_attrs(t, **extra)
 
 
 def summarize(store: EmbeddingStore, cfg: BuildConfig, samples: list[dict], text_only: int,

@@ -126,7 +126,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
 def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: str | None, device: str,
             seed: int) -> dict[str, Any]:
     """Re-run the live teacher on k random OK images and compare with the stored targets."""
-    from olacache.images import load_rgb
+    from olacache.inputs.images import load_rgb
     from olacache.teachers import load_teacher
 
     a = s.teacher_attrs(t)

@@ -7,22 +7,27 @@ at 2e-5 with ``pad``). Precedence, lowest first: dataclass defaults < YAML share
 stage; ``--set train.max_steps=5`` all (and beats the YAML's per-stage values).
 
 YAML is read with YAML 1.2 scalars (``1e-3`` is a float; only true/false are booleans, ``on`` stays "on") and
-every value is type-checked against its dataclass field.
+every value is type-checked against its dataclass field (``olacache.common.configio``, shared with
+``olacache build --config``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from olacache.common.configio import (
+    ConfigError,
+    build_dataclass,
+    deep_merge,
+    load_yaml_file,
+    parse_overrides,
+)
+
+__all__ = ["ConfigError", "Config", "RunSpec", "config_from_dict", "deep_merge", "load_run", "parse_overrides"]
 
 TEACHERS_DEFAULT = ("gen", "depth", "seg")  # also the reference's task-token order
 
@@ -35,7 +40,7 @@ class ModelConfig:
     vision_layer: int = -2  # penultimate layer, CLS dropped (LLaVA-1.5)
     llm: str = "tiny"
     tokenizer: str | None = None  # default: same as llm
-    # "auto" = the tokenizer's own chat template; or a named template from olatrain.templates
+    # "auto" = the tokenizer's own chat template; or a named template from olatrain.data.templates
     chat_template: str = "auto"
     projector_hidden_act: str = "gelu"
     # task tokens per teacher, inserted right after the image tokens in this order; 0 disables a teacher's tokens
@@ -60,8 +65,15 @@ class ModelConfig:
     # "auto": flash_attention_2 when flash-attn is importable and on CUDA, else sdpa
     attn_implementation: str = "auto"
     # task-token init: "embed" = inserted tokens start at the std of the LLM's word embeddings; "randn" = the
-    # reference's std-1 parameters (inserted tokens 10-50x larger than word embeddings; see olatrain/model.py)
+    # reference's std-1 parameters (inserted tokens 10-50x larger than word embeddings; docs/method.md §4)
     task_token_init: str = "embed"
+    # how each teacher's task tokens and predictor queries are shaped (docs/method.md §3.4): "spatial" = a
+    # (spatial_queries, H) parameter whose group means are the inserted tokens and which is the predictor's
+    # query; "global" = an (n, H) token parameter and one pooled query. In PT the kind the store records for the
+    # column wins; a checkpoint's config carries it to the next stage.
+    teacher_kinds: dict[str, str] = field(
+        default_factory=lambda: {"depth": "spatial", "seg": "spatial", "gen": "global"}
+    )
 
 
 @dataclass
@@ -150,160 +162,7 @@ STAGES = ("pt", "vpt", "ift")
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved with Config.to_dict() (checkpoints carry theirs)."""
-    return _build(Config, data, "config")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 scalars where PyYAML's YAML 1.1 rules bite configs:
-
-    - ``1e-3`` is a float (1.1 needs a dot, ``1.0e-3``; ``1e-3`` was the STRING '1e-3' and reached the optimizer
-      as lr='1e-3');
-    - only true/false are booleans (1.1 also turns on/off/yes/no into booleans, so ``grad_checkpointing: on``
-      became True, which is neither "on" nor "auto": gradient checkpointing was silently off)."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: safe
-
-
-def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars/lists: 1e-3, true, [8, 20], {depth: 0.5}, none."""
-    if text.lower() in ("none", "null"):
-        return None
-    return _yaml_load(text)
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Turn ["a.b=1", "c=x"] into a nested dict."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_value(value)
-    return out
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _REPLACE_WHOLE:
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-# mappings that an override replaces whole (setting layers.depth keeps the others, but a stage that says
-# `task_tokens: {gen: 0}` means "gen off", merged per key like any dict; nothing needs whole-replace today)
-_REPLACE_WHOLE: set[str] = set()
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {sorted(unknown)}; valid: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for k, v in data.items():
-        sub = _SECTIONS.get(k) if cls is Config else None
-        if sub is not None:
-            if not isinstance(v, dict):
-                raise ConfigError(f"{where}.{k} must be a mapping")
-            kwargs[k] = _build(sub, v, f"{where}.{k}")
-        else:
-            kwargs[k] = _coerce(v, hints[k], f"{where}.{k}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a value against its field's annotation; convert the lossless cases (int -> float, an integral
-    float -> int, list -> tuple, a numeric string for a float such as '1e-3' from YAML 1.1). A wrong type is a
-    ConfigError naming the key here, not a TypeError from deep inside the optimizer or the data pipeline."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        return _coerce(value, rest[0], where) if len(rest) == 1 else value
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{where} must be {getattr(hint, '__name__', None) or hint}, got {value!r}")
-
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad()
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # a YAML 1.1 on/off that became a bool (e.g. configs saved in checkpoints)
-            return "on" if value else "off"
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. a numeric-looking path or name
-        raise bad()
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad()
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
-            raise bad()
-        if args and args[-1] is not Ellipsis:
-            return tuple(_coerce(x, a, f"{where}[{i}]") for i, (x, a) in enumerate(zip(value, args, strict=True)))
-        return tuple(value)
-    return value
-
-
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+    return build_dataclass(Config, data, "config")
 
 
 @dataclass
@@ -320,14 +179,7 @@ class RunSpec:
 
 
 def load_run(path: str | Path | None, overrides: list[str] | None = None) -> RunSpec:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        raw = _yaml_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    raw: dict[str, Any] = load_yaml_file(path) if path is not None else {}
     cli = parse_overrides(overrides)
     yaml_stages = raw.pop("stages", None) or {}
     cli_stages = cli.get("stages") or {}
@@ -343,7 +195,7 @@ def load_run(path: str | Path | None, overrides: list[str] | None = None) -> Run
         merged = deep_merge(deep_merge(raw, yaml_stages.get(name) or {}), non_stage_cli)
         merged = deep_merge(merged, cli_stages.get(name) or {})
         merged.setdefault("train", {})["stage"] = name
-        cfg = _build(Config, merged, "config")
+        cfg = build_dataclass(Config, merged, "config")
         validate(cfg)
         configs[name] = cfg
     return RunSpec(stages=list(stages_raw), configs=configs, raw={**raw, "stages": stages_raw})
@@ -368,10 +220,13 @@ def validate(cfg: Config) -> None:
     for name, layers in cfg.model.layers.items():
         if not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
             raise ConfigError(f"model.layers.{name} must be a list of 1-indexed layer numbers, got {layers!r}")
+    for name, kind in cfg.model.teacher_kinds.items():
+        if kind not in ("spatial", "global"):
+            raise ConfigError(f"model.teacher_kinds.{name} must be 'spatial' or 'global', got {kind!r}")
     for name, n in cfg.model.task_tokens.items():
         if not isinstance(n, int) or n < 0:
             raise ConfigError(f"model.task_tokens.{name} must be an int >= 0")
-        if name in ("depth", "seg") and n and cfg.model.spatial_queries % n:
+        if cfg.model.teacher_kinds.get(name) == "spatial" and n and cfg.model.spatial_queries % n:
             raise ConfigError(
                 f"model.spatial_queries ({cfg.model.spatial_queries}) must be divisible by "
                 f"model.task_tokens.{name} ({n}): the inserted tokens are group means"

@@ -1,9 +1,9 @@
-"""Embedding-distillation losses (method section 6), as pure functions with hand-checkable semantics.
+"""Embedding-distillation losses (docs/method.md §6), as pure functions with hand-checkable semantics.
 
 Per teacher t and layer l:  L_{t,l} = smooth_l1 + c * InfoNCE,  and  L_t = w_t * sum_l L_{t,l}.
 
 Deviations from the reference, all intentional:
-* masking is per sample and real: the reference zeroes its masks in place (every embedding loss is 0, section 14);
+* masking is per sample and real: the reference zeroes its masks in place (every embedding loss is 0, docs/method.md §11);
 * smooth-L1 averages over the elements of VALID samples only; the reference multiplies masked samples by 0 but
   keeps them in the denominator, so its loss scale shrinks with the fraction of text-only samples in a batch;
 * InfoNCE averages CE over valid local samples and removes invalid targets from every softmax; the reference
@@ -23,6 +23,25 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def global_denominators(
+    labels: torch.Tensor, masks: dict[str, torch.Tensor], ignore_index: int = -100
+) -> dict[str, torch.Tensor] | None:
+    """Under DDP, the denominator of every loss mean: the GLOBAL count / world instead of the local count.
+
+    DDP averages gradients over ranks; with local means, ranks holding fewer supervised tokens (or fewer
+    image samples) would weigh more than in a single process on the same global batch. With
+    sum_local / (count_global / world) the rank average is exactly sum_global / count_global.
+    Keys: "ce" (supervised next-token targets of ``labels``) and one per mask. None in a single process
+    (plain local means). A collective: every rank calls it once per forward."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    keys = ["ce", *masks]
+    counts = torch.stack([(labels[:, 1:] != ignore_index).sum(), *[m.sum() for m in masks.values()]]).double()
+    dist.all_reduce(counts)  # stacked from tensors on labels.device, so already there
+    world = dist.get_world_size()
+    return {k: (c.clamp(min=1) / world).float() for k, c in zip(keys, counts, strict=True)}
 
 
 def logit_scale(theta: torch.Tensor, max: float = 100.0) -> torch.Tensor:

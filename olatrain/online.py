@@ -2,7 +2,7 @@
 
 This is the reference's way of working (teachers resident next to the MLLM, run on every batch) and exists
 as the baseline the cache is measured against (`train.targets: online`). Nothing else in olatrain imports
-teacher code; the boundary test checks that.
+teacher code; the boundary tests check that.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from olacache.inputs.images import ImageError, load_rgb
 
 
 class OnlineTargets:
@@ -27,19 +30,18 @@ class OnlineTargets:
                                          options=options.get(t))
                          for t in teachers}
         self.shapes = {t: tuple(m.target_shape) for t, m in self.teachers.items()}
+        self.kinds = {t: m.target_kind for t, m in self.teachers.items()}
 
     def __call__(self, image_paths: Sequence[str | None], has_image: torch.Tensor
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Targets for a batch, float16 like the store (so cached and online losses are comparable)."""
-        from olacache.images import ImageError, load_rgb
-
         b = len(image_paths)
         imgs, idx = [], []
         for i, p in enumerate(image_paths):
             if p is None or not bool(has_image[i]):
                 continue
             try:
-                imgs.append(self._load(p, load_rgb, ImageError))
+                imgs.append(self._load(p))
                 idx.append(i)
             except ImageError:
                 continue
@@ -53,14 +55,14 @@ class OnlineTargets:
             targets[t], ok[t] = out, mask
         return targets, ok
 
-    def _load(self, key: str, load_rgb, image_error):  # olacache.images functions, imported lazily
+    def _load(self, key: str) -> Any:
         """The batch carries store keys (NFC-normalised paths). A file named in NFD (macOS) is found by the
         dataset through the raw annotated path; here, without it, try the NFD spelling of the key, so online
         targets are not silently missing for images the dataset did load."""
         try:
             return load_rgb(self.root / key)
-        except image_error as e:
+        except ImageError as e:
             nfd = unicodedata.normalize("NFD", key)
-            if getattr(e, "reason", None) != "missing file" or nfd == key:
+            if e.reason != "missing file" or nfd == key:
                 raise
             return load_rgb(self.root / nfd)

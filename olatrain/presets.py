@@ -4,25 +4,23 @@ No machine here can download weights, so every component the trainer loads (toke
 "tiny" preset. Each preset is built once, deterministically, saved with ``save_pretrained`` into a local directory
 and then loaded back through exactly the same ``from_pretrained`` path a real hub checkpoint would take.
 
-Cache layout: ``$OLAKIT_CACHE`` (default ``~/.cache/olakit``) / ``tiny`` / ``olatrain-<name>-v1``. A directory is
-built in a private temporary sibling and published with one ``os.replace``; a process that loses the race throws its
-copy away and uses the winner's. A published directory always contains ``olakit_preset.json``, written last.
+Cache layout: ``$OLAKIT_CACHE`` (default ``~/.cache/olakit``) / ``tiny`` / ``olatrain-<name>-v1``, published the
+one way every preset is (``olacache.common.cachedir.publish_once``: private temporary sibling, one ``os.replace``,
+``olakit_preset.json`` written last; an incomplete directory is replaced).
 
 Bump ``_VERSION`` whenever the content of a preset changes, so stale caches are never mixed with new code.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from olacache.common.cachedir import PRESET_MARKER, cache_root, publish_once
+
 _VERSION = "v1"
-MARKER = "olakit_preset.json"
+MARKER = PRESET_MARKER
 SEED = 1234
 
 # Llama-3-style special tokens. Instruct-style: generation ends at <|eot_id|>, so it is the EOS token.
@@ -81,39 +79,13 @@ DEFAULT_LAYERS_32 = {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
 TINY_LAYERS = {"depth": [2, 5], "seg": [3, 4], "gen": [3, 5]}
 
 
-def cache_root() -> Path:
-    env = os.environ.get("OLAKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "olakit"
-
-
 def _preset_dir(name: str) -> Path:
     return cache_root() / "tiny" / f"olatrain-{name}-{_VERSION}"
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
-    """Return the published preset dir, building it first if needed (atomic, race-safe)."""
-    final = _preset_dir(name)
-    if (final / MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a published preset is an ordinary readable cache dir
-    try:
-        build(tmp)
-        # written last: its presence means the directory is complete
-        (tmp / MARKER).write_text(json.dumps({"preset": "tiny", "random_init": True}) + "\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process published first (rename onto a non-empty dir fails), or a stale incomplete dir
-            # without a marker is in the way (e.g. a crash mid-copy by an older version): keep a complete one.
-            if not (final / MARKER).is_file():
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """Return the published preset dir, building it first if needed (``olacache.common.cachedir``)."""
+    return publish_once(_preset_dir(name), build, marker={"preset": "tiny", "random_init": True})
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -412,38 +384,3 @@ def load_tokenizer(cfg: Any) -> Any:
         tok.add_special_tokens({"pad_token": "<pad>"})
     tok.padding_side = "right"
     return tok
-
-
-class TimmImageProcessor:
-    """Minimal HF-processor-shaped wrapper around timm's eval transform for ``timm:<name>`` encoders:
-    ``proc(images, return_tensors="pt")["pixel_values"]`` and ``image_mean`` (for ``pad`` aspect)."""
-
-    def __init__(self, model_name: str) -> None:
-        import timm
-        from timm.data import create_transform, resolve_data_config
-
-        pcfg = timm.models.get_pretrained_cfg(model_name)
-        data_cfg = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
-        self.transform = create_transform(**data_cfg)
-        self.image_mean = list(data_cfg["mean"])
-        self.image_std = list(data_cfg["std"])
-        size = int(data_cfg["input_size"][-1])
-        self.crop_size = {"height": size, "width": size}
-
-    def __call__(self, images: Any, return_tensors: str = "pt") -> dict[str, Any]:
-        import torch
-
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        return {"pixel_values": torch.stack([self.transform(im.convert("RGB")) for im in images])}
-
-
-def load_image_processor(cfg: Any) -> Any:
-    """The base encoder's image processor (``"tiny"`` -> the preset's CLIPImageProcessor; ``timm:`` -> timm's
-    eval transform wrapped in :class:`TimmImageProcessor`)."""
-    name = cfg.model.vision
-    if name.startswith("timm:"):
-        return TimmImageProcessor(name[len("timm:") :].partition("@")[0])
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(resolve("vision", name))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from olacache.annotations import AnnotationError, load_annotations, unique_images
+from olacache.inputs.annotations import AnnotationError, load_annotations, unique_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.json"
@@ -136,7 +136,7 @@ def test_unique_images_rejects_bad_path():
 
 def test_no_torch_import():
     code = (
-        "import sys, olacache.annotations as a; a.unique_images(a.load_annotations(sys.argv[1])); "
-        "assert 'torch' not in sys.modules, 'olacache.annotations imported torch'"
+        "import sys, olacache.inputs.annotations as a; a.unique_images(a.load_annotations(sys.argv[1])); "
+        "assert 'torch' not in sys.modules, 'olacache.inputs.annotations imported torch'"
     )
     subprocess.run([sys.executable, "-c", code, str(SAMPLE)], check=True, cwd=ROOT)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor
 
-from olacache.annotations import load_annotations, unique_images
+from olacache.inputs.annotations import load_annotations, unique_images
 from olacache.store import FAILED, OK, EmbeddingStore, TargetReader
 from olatrain.config import Config
 from olatrain.data import (
@@ -23,8 +23,8 @@ from olatrain.data import (
     pad_to_square,
     processor_mean_color,
 )
+from olatrain.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from olatrain.presets import tiny_tokenizer_dir, tiny_vision_dir
-from olatrain.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from olacache.images import ALPHA_BACKGROUND, ImageError, decode_rgb, load_rgb
+from olacache.inputs.images import ALPHA_BACKGROUND, ImageError, decode_rgb, load_rgb
 
 IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from olatrain.losses import embedding_loss, info_nce, logit_scale, masked_smooth_l1
-from olatrain.predictors import TaskTokenResampler
+from olatrain.model.predictors import TaskTokenResampler
 
 # ----------------------------------------------------------------------------------------------- logit scale
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from olatrain.config import Config
+from olatrain.data import load_image_processor
+from olatrain.generate import generate_ids
 from olatrain.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OLAVLM, VisionEncoder, build_model
 from olatrain.presets import (
     MARKER,
     TINY_LAYERS,
-    load_image_processor,
     load_tokenizer,
     resolve,
     scale_layers,
@@ -388,11 +389,11 @@ def test_generate_returns_tokens_and_batching_is_consistent():
     model = make_model(stage="ift")
     model.eval()
     b = make_batch()
-    out = model.generate(b["input_ids"], b["pixel_values"], 4, attention_mask=b["attention_mask"])
+    out = generate_ids(model, b["input_ids"], b["pixel_values"], 4, attention_mask=b["attention_mask"])
     assert out.dtype == torch.long and out.shape == (3, 4)
     for i in range(3):
         n = int(b["attention_mask"][i].sum())
-        single = model.generate(b["input_ids"][i : i + 1, :n], b["pixel_values"][i : i + 1], 4)
+        single = generate_ids(model, b["input_ids"][i : i + 1, :n], b["pixel_values"][i : i + 1], 4)
         assert torch.equal(single[0], out[i]), i
 
 

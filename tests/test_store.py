@@ -1,4 +1,4 @@
-"""Tests of the embedding store (olacache/store.py + backends): both formats, the write protocol, the fast read
+"""Tests of the embedding store (olacache/store/): both formats, the write protocol, the fast read
 paths against zarr/h5py, and the trainer-side reader across pickling, spawn and fork."""
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ import copy
 import pytest
 from transformers import AutoTokenizer
 
-from olatrain.presets import tiny_tokenizer_dir
-from olatrain.templates import (
+from olatrain.data.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     TEMPLATES,
@@ -16,6 +15,7 @@ from olatrain.templates import (
     end_token_id,
     tokenize_conversation,
 )
+from olatrain.presets import tiny_tokenizer_dir
 
 LLAVA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -206,7 +206,7 @@ def test_auto_rejects_prefix_unstable_template(tok):
 
 def test_bpe_merge_across_boundary_goes_to_answer(tok):
     """A boundary inside what the tokenizer merges into one token: the merged token counts as the answer's."""
-    from olatrain.templates import encode_segments
+    from olatrain.data.templates import encode_segments
 
     text = "The answer is (A). The answer is (B)."
     full = tok(text, add_special_tokens=False)["input_ids"]

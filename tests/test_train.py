@@ -615,3 +615,44 @@ def test_end_to_end_pt_ift_generate_and_loss_curve(store, tmp_path):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip(), (res.stdout, res.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------- a fourth teacher
+
+
+def test_fourth_teacher_trains_pt_then_ift(tmp_path):
+    """The extension point end to end: a timm ViT teacher registered with one line is built into a store, whose
+    column records its kind ("spatial", from the teacher), and PT trains on it with no trainer change; IFT then
+    gets the same task-token shapes from the PT checkpoint (the kind travels with it)."""
+    import importlib.util
+
+    from olacache.store import EmbeddingStore
+    from olacache.teachers import TEACHERS, register_teacher
+
+    spec = importlib.util.spec_from_file_location("fourth_teacher_example", ROOT / "tests" / "fourth_teacher_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    before = dict(TEACHERS)
+    try:
+        register_teacher(example.VitTinyTeacher)
+        store, summary = _build_store(tmp_path / "vit.zarr", ["vit_tiny"])
+    finally:
+        TEACHERS.clear()
+        TEACHERS.update(before)
+    with EmbeddingStore.open(store) as s:
+        assert s.teacher_kind("vit_tiny") == "spatial" and s.target_shape("vit_tiny") == (196, 192)
+    # only the fourth teacher has an embedding loss; its 196-token grid is the spatial query count
+    sets = _sets(store, tmp_path / "run", "model.layers.depth=[]", "model.layers.seg=[]", "model.layers.gen=[]",
+                 "model.layers.vit_tiny=[2, 5]", "loss.weights.vit_tiny=0.5", "model.spatial_queries=196",
+                 "model.task_tokens={gen: 8, depth: 0, seg: 0, vit_tiny: 4}",
+                 "stages.pt.train.max_steps=3", "stages.ift.train.max_steps=2", "train.save_every=0")
+    _train(_config(tmp_path, ("pt", "ift")), sets)
+    rows = _rows(tmp_path / "run" / "pt")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss_vit_tiny"]) and r["loss_vit_tiny"] > 0 for r in rows)
+    pt_w = load_file(str(tmp_path / "run" / "pt" / "final" / ckpt.WEIGHTS))
+    assert pt_w["task_tokens.vit_tiny"].shape[0] == 196 and "predictors.vit_tiny.2.proj_in.weight" in pt_w
+    saved = json.loads((tmp_path / "run" / "pt" / "config.json").read_text())
+    assert saved["model"]["teacher_kinds"]["vit_tiny"] == "spatial"
+    ift_w = load_file(str(tmp_path / "run" / "ift" / "final" / ckpt.WEIGHTS))
+    torch.testing.assert_close(ift_w["task_tokens.vit_tiny"], pt_w["task_tokens.vit_tiny"])  # frozen in IFT

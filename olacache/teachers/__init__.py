@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import PRESET_FILE, Teacher
+from olacache.common.cachedir import cache_root, publish_once
+
+from .base import Teacher
 from .depth import DepthTeacher
 from .gen import GenTeacher
 from .seg import SegTeacher
@@ -46,12 +45,6 @@ TEACHERS: dict[str, type[Teacher]] = {"depth": DepthTeacher, "seg": SegTeacher, 
 PRESETS: tuple[str, ...] = ("tiny", "ola")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # usable as a Zarr/HDF5 column name and a CLI token
-
-# save_tiny seeds torch's *global* RNG (inside fork_rng); two threads building at once would interleave draws and
-# publish non-deterministic weights. Processes have their own RNG and are handled by the atomic rename.
-# Re-entrant so a save_tiny that itself needs another preset cannot deadlock.
-_TINY_LOCK = threading.RLock()
-
 
 def register_teacher(cls: type[Teacher]) -> type[Teacher]:
     """Register ``cls`` under ``cls.name``; returns ``cls`` so it also works as a class decorator.
@@ -82,49 +75,12 @@ def _teacher_class(name: str) -> type[Teacher]:
         raise ValueError(f"unknown teacher {name!r}; valid: {sorted(TEACHERS)}") from None
 
 
-def cache_root() -> Path:
-    """``$OLAKIT_CACHE`` if set, else ``~/.cache/olakit``."""
-    env = os.environ.get("OLAKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "olakit"
-
-
 def tiny_source(name: str) -> Path:
-    """Directory of ``name``'s tiny preset, building it on first use.
-
-    The preset is written into a private temp dir next to the target and published with one ``os.replace``,
-    so readers never see a half-written directory; if two processes race, the loser's rename fails (the target
-    is non-empty), it discards its copy and uses the winner's (same seed -> same bytes).
-    """
+    """Directory of ``name``'s tiny preset, building it on first use (published atomically; see
+    ``olacache.common.cachedir``)."""
     cls = _teacher_class(name)
     final = cache_root() / "tiny" / f"{name}-v{cls.tiny_version}"
-    if (final / PRESET_FILE).is_file():
-        return final
-    with _TINY_LOCK:
-        return _build_tiny(cls, final)
-
-
-def _build_tiny(cls: type[Teacher], final: Path) -> Path:
-    if (final / PRESET_FILE).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        cls.save_tiny(tmp, seed=0)
-        if not (tmp / PRESET_FILE).is_file():
-            raise RuntimeError(f"{cls.__name__}.save_tiny did not write {PRESET_FILE}")
-        # mkdtemp makes the dir 0700 and transformers 5 writes model.safetensors 0600; the cache may be shared.
-        for path in [tmp, *tmp.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / PRESET_FILE).is_file():
-                raise RuntimeError(
-                    f"cannot publish tiny preset to {final}: it exists but is incomplete; delete it and retry"
-                ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
-    return final
+    return publish_once(final, lambda tmp: cls.save_tiny(tmp, seed=0))
 
 
 def resolve_source(name: str, preset: str = "tiny", source: str | None = None) -> str:

@@ -8,7 +8,7 @@ Target (per image, float32, shape ``(576, C)``; C = 1024 for ViT-L):
     does; the CLS token (and any register tokens) is dropped.
 Layout: token ``i = y * 24 + x`` over the 24x24 patch grid (row-major), channels last.
 
-Preprocessing (reference, section 3.1): PIL squash to 336x336 (aspect ratio NOT kept; PIL's default bicubic),
+Preprocessing (docs/method.md §3.1): PIL squash to 336x336 (aspect ratio NOT kept; PIL's default bicubic),
 /255, ImageNet mean/std. DA-v2's own ``Resize`` (keep-aspect, multiple of 14) is a no-op at 336x336 and is
 not reproduced.
 
@@ -49,6 +49,7 @@ class DepthTeacher(Teacher):
     default_source: ClassVar[str] = "depth-anything/Depth-Anything-V2-Large-hf"
     option_defaults: ClassVar[dict[str, Any]] = {"bgr_quirk": False}
     layout: ClassVar[str] = "(tokens=24*24 row-major patch grid, channels)"
+    kind: ClassVar[str | None] = "spatial"
 
     @classmethod
     def save_tiny(cls, out_dir: Path, seed: int = 0) -> None:

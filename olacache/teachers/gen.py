@@ -34,6 +34,7 @@ class GenTeacher(Teacher):
     default_source: ClassVar[str] = "stabilityai/stable-diffusion-2-1-unclip"
     weights_subfolder: ClassVar[str | None] = ENCODER_SUBFOLDER
     layout: ClassVar[str] = "(1 token, channels)"
+    kind: ClassVar[str | None] = "global"
 
     @classmethod
     def save_tiny(cls, out_dir: Path, seed: int = 0) -> None:

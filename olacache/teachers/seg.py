@@ -8,7 +8,7 @@ Layout: token index ``i = y * 24 + x`` (row-major over the 24x24 grid), channels
     ``.permute(1, 2, 0).reshape(576, C)``. (The reference keeps (C, 24, 24); we store token-major so all
     spatial teachers share one layout and a row is one contiguous (576, C) block.)
 
-Preprocessing (reference, section 3.2): PIL squash to 768x768 (PIL's default bicubic), then what
+Preprocessing (docs/method.md §3.2): PIL squash to 768x768 (PIL's default bicubic), then what
 ``OneFormerProcessor`` does for the checkpoint, reproduced here without tokenising the task text: resize by the
 ``shortest_edge``/``longest_edge`` rule (800/1333 for COCO Swin-L -> 800x800) with the checkpoint's ``resample``
 (bilinear) on the uint8 image as the reference's PIL-based processor did, rescale, normalise. Those values are
@@ -81,6 +81,7 @@ class SegTeacher(Teacher):
     name: ClassVar[str] = "seg"
     default_source: ClassVar[str] = "shi-labs/oneformer_coco_swin_large"
     layout: ClassVar[str] = "(tokens=y*24+x over the 24x24 grid, channels)"
+    kind: ClassVar[str | None] = "spatial"
 
     @classmethod
     def save_tiny(cls, out_dir: Path, seed: int = 0) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from olacache.inputs.keys import normalize_image_path
+
 # extensions a directory scan picks up (lower-case); what PIL decodes in practice for photo datasets
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -209,8 +211,6 @@ def unique_images(samples: Iterable[dict[str, Any]]) -> list[str]:
 
     These are the rows of an embedding store built for the samples; "./a.jpg" and "a.jpg" are one row.
     """
-    from olacache.store import normalize_image_path  # the store owns the one definition of a row key
-
     seen: set[str] = set()
     for s in samples:
         img = s.get("image")

@@ -1,4 +1,4 @@
-"""Embedding predictors: a single-block Perceiver resampler per (teacher, layer) (method section 5.3).
+"""Embedding predictors: a single-block Perceiver resampler per (teacher, layer) (docs/method.md §5.3).
 
 Written from the description only. One intentional deviation from the reference: the attention takes a key
 padding mask, so right-padding (and anything else the caller marks invalid) never enters K/V. The reference passes

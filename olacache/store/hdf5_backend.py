@@ -23,16 +23,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from olacache.store import (
-    INDEX_PATH,
-    Backend,
-    ReadPool,
-    StoreError,
-    StoreLocked,
-    contiguous_runs,
-    plan_runs,
-    read_runs,
-)
+from olacache.store.backend import Backend
+from olacache.store.format import INDEX_PATH, StoreError, StoreLocked
+from olacache.store.pread import ReadPool, contiguous_runs, plan_runs, read_runs
 
 _INDEX_CHUNK_ROWS = 65536
 _STR = h5py.string_dtype("utf-8")

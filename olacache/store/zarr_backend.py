@@ -26,16 +26,9 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from olacache.store import (
-    INDEX_PATH,
-    Backend,
-    ReadPool,
-    Run,
-    StoreError,
-    contiguous_runs,
-    plan_runs,
-    read_runs,
-)
+from olacache.store.backend import Backend
+from olacache.store.format import INDEX_PATH, StoreError
+from olacache.store.pread import ReadPool, Run, contiguous_runs, plan_runs, read_runs
 
 try:  # zarr >= 3.1 checksums shard indexes with google-crc32c; 3.0 used the `crc32c` package
     from google_crc32c import value as _crc32c
