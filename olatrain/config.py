@@ -90,6 +90,10 @@ class DataConfig:
     min_store_coverage: float = 0.5
     num_workers: int = 2
     shuffle: bool = True
+    # an image that cannot be decoded/preprocessed while training: "skip" replaces it by the next usable sample
+    # (deterministic, counted, listed in <stage>/skipped.jsonl); "error" decodes every image before step 1 and
+    # stops on the first failure (olatrain/data/skips.py)
+    bad_images: str = "skip"
 
 
 @dataclass
@@ -134,6 +138,9 @@ class TrainConfig:
     # On a small shared machine fewer is faster: OpenMP threads spin-wait, and 2 threads on 2 cores with any other
     # busy process made the tiny run ~6x slower than 1 thread (configs/tiny.yaml sets 1)
     cpu_threads: int | None = None
+    # a step whose loss or gradient norm is not finite is not applied (counted, its samples listed in
+    # <stage>/skipped.jsonl); this many in a row stop the run with an error
+    max_bad_steps: int = 3
 
 
 @dataclass
@@ -213,6 +220,10 @@ def validate(cfg: Config) -> None:
                                 ("train.grad_checkpointing", t.grad_checkpointing, ("auto", "on", "off"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    if d.bad_images not in ("skip", "error"):
+        raise ConfigError(f"data.bad_images must be 'skip' or 'error', got {d.bad_images!r}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or none for torch's default), got {t.cpu_threads}")
     if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:

@@ -8,6 +8,16 @@
 
 No teacher is imported here: targets come from the store (olacache.store.TargetReader). The only way to get
 live teachers is `train.targets: online`, which goes through olatrain.online (one lazily imported adapter).
+
+Bad data and bad steps never train silently:
+- samples excluded before step 1 (failed in the store; a failed `data.bad_images=error` pre-scan stops instead),
+  images replaced while training and store rows holding non-finite values are counted, logged and listed in
+  `<stage>/skipped.jsonl`; `<stage>/summary.json` (and final/state.json) hold the counts;
+- a step whose loss or gradient norm is not finite is not applied (the optimizer does not step; the schedule
+  and the data position still advance, so resume stays exact); `train.max_bad_steps` of them in a row stop the
+  run with `guards.NonFiniteSteps`;
+- `--resume` verifies checkpoints (checksums) and falls back to the newest intact one.
+User-facing failures are `RunError`s: a SystemExit carrying one line (exit status 1 when nothing catches it).
 """
 
 from __future__ import annotations
@@ -27,7 +37,9 @@ import torch
 
 from olacache.common.runtime import Runtime, init_runtime
 from olatrain import checkpoint as ckpt
+from olatrain import guards
 from olatrain.config import Config, RunSpec, config_from_dict
+from olatrain.guards import RunError
 from olatrain.metrics import MetricsLog, TrainDisplay
 
 
@@ -124,6 +136,11 @@ class Stage:
     start_step: int
     resumed: bool
     metrics: MetricsLog | None
+    log: Callable[[str], None] = print
+    skip_log: Path | None = None  # <stage>/skipped.jsonl (every rank appends its own records)
+    excluded: dict[str, int] | None = None  # samples left out before step 1, by reason
+    n_samples: int = 0
+    skip_lines: int = 0  # skip records logged so far (the rest only go to skipped.jsonl)
 
 
 def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume: bool,
@@ -143,15 +160,32 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     stage = cfg.train.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- resume point (decided before anything expensive)
+    # -- resume point (decided before anything expensive; rank 0 verifies, every rank takes its choice)
     start_step, resume_from = 0, None
     if resume:
-        resume_from = ckpt.latest_checkpoint(stage_dir)
-        if resume_from is not None:
-            start_step = ckpt.load_state(resume_from)["step"]
+        found = None
+        if rt.main:
+            found, damaged = ckpt.find_resumable(stage_dir)
+            for path, why in damaged:
+                log(f"[{stage}] checkpoint {path} is damaged or incomplete ({why}); "
+                    + ("trying an older one" if path != damaged[-1][0] or found is not None else "none is left"))
+            if found is None and damaged:
+                found = f"no intact checkpoint in {stage_dir / 'checkpoints'} (the newest: {damaged[0][1]}); " \
+                        f"remove {stage_dir} to train the stage from its start"
+        found = rt.broadcast_object(None if found is None else str(found))
+        if found is not None and not Path(found).is_dir():
+            raise RunError(f"[{stage}] cannot resume: {found}")
+        if found is not None:
+            resume_from = Path(found)
+            start_step = int(ckpt.load_state(resume_from)["step"])
     elif ckpt.latest_checkpoint(stage_dir) is not None:
         raise SystemExit(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another output_dir")
+    if init_from is not None and resume_from is None:
+        why = ckpt.verify(init_from, training=False)
+        if why is not None:
+            raise RunError(f"[{stage}] cannot initialise from {init_from}: {why}; rerun the stage that wrote it "
+                           f"(remove its directory) or set train.init_from to an intact checkpoint")
 
     # -- data and targets
     tokenizer = load_tokenizer(cfg)
@@ -162,14 +196,22 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     try:
         dataset = ConversationDataset(cfg, tokenizer, image_processor, reader, cfg.teachers)
         kept = check_targets(dataset, reader, cfg) if reader is not None else {}
+        if cfg.data.bad_images == "error" and rt.main:
+            bad = dataset.scan_bad_images(max(1, cfg.data.num_workers))
+            if bad:
+                ex = "; ".join(f"{what}: {why}" for what, why in bad[:3])
+                raise DataError(f"{len(bad)} image(s) of {cfg.data.annotations} cannot be used "
+                                f"(data.bad_images=error), e.g. {ex}. Fix or remove them, or set "
+                                f"data.bad_images=skip to train without them")
     except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
-        raise SystemExit(f"[{stage}] {e}") from e
+        raise RunError(f"[{stage}] {e}") from None
     if rt.distributed and reader is not None:
         # every rank must shard the SAME sample list: rank 0's view of the store decides (a store still being
         # built could otherwise give ranks different skip lists and so overlapping/missing samples)
         dataset.set_active(rt.broadcast_object(dataset.active_indices if rt.main else None))
     if rt.main and kept.get("skipped"):
         log(f"[{stage}] skipped {kept['skipped']} sample(s) whose targets are missing/failed in the store")
+    excluded = {"failed_targets": int(kept.get("skipped", 0))}
     loader = build_dataloader(dataset, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                               rank=rt.rank, world_size=rt.world, num_workers=cfg.data.num_workers,
                               start_step=start_step * cfg.train.grad_accum, drop_last=True)
@@ -178,7 +220,10 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     seed_everything(cfg.train.seed)
     model = build_model(cfg, specs, device=rt.device, tokenizer=tokenizer)
     if init_from is not None and resume_from is None:
-        model.load_trainable_state_dict(ckpt.load_weights(init_from), strict=False)
+        try:
+            model.load_trainable_state_dict(ckpt.load_weights(init_from), strict=False)
+        except ckpt.CheckpointError as e:
+            raise RunError(f"[{stage}] {e}") from None
         if rt.main:
             log(f"[{stage}] initialised from {init_from}")
     model.set_stage(stage)
@@ -193,11 +238,14 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     # start the data stream (and its workers) BEFORE restoring the RNG: creating the iterator draws a worker
     # base seed from the global RNG, which would otherwise shift a resumed run's RNG stream by one draw
     batches: Iterator[dict[str, Any]] = iter(loader)
-    if resume_from is not None:
-        model.load_trainable_state_dict(ckpt.load_weights(resume_from), strict=False)
-        ckpt.load_training_state(resume_from, opt, sched)
-        if rt.main:
-            log(f"[{stage}] resumed from {resume_from} at step {start_step}")
+    try:
+        if resume_from is not None:
+            model.load_trainable_state_dict(ckpt.load_weights(resume_from), strict=False)
+            ckpt.load_training_state(resume_from, opt, sched)
+            if rt.main:
+                log(f"[{stage}] resumed from {resume_from} at step {start_step}")
+    except ckpt.CheckpointError as e:
+        raise RunError(f"[{stage}] {e}") from None
     ddp = model
     if rt.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -211,8 +259,10 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         log(f"[{stage}] {len(dataset)} samples, {n_trainable / 1e6:.2f}M trainable params, "
             f"{cfg.train.max_steps} steps x {cfg.train.batch_size}x{cfg.train.grad_accum}x{rt.world}, "
             f"device {rt.device}" + (f", targets {cfg.train.targets}" if cfg.teachers else ""))
+    skip_log = guards.open_skip_log(stage_dir, start_step, rt)
     return Stage(cfg, rt, amp, stage_dir, model, ddp, params, opt, sched, batches, online, start_step,
-                 resume_from is not None, metrics)
+                 resume_from is not None, metrics, log=log, skip_log=skip_log, excluded=excluded,
+                 n_samples=dataset.n_samples)
 
 
 def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
@@ -223,6 +273,7 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
     stop_at = tc.max_steps if tc.stop_after is None else min(tc.max_steps, st.start_step + tc.stop_after)
     step = st.start_step
     saved_at = st.start_step if st.resumed else -1
+    bad_run: list[dict[str, Any]] = []  # the current run of consecutive non-applied steps
     st.model.train()
     with display:
         while step < stop_at:
@@ -230,9 +281,11 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
             t_data = t_teacher = 0.0
             sums: dict[str, float] = {}
             n_samples = 0
+            ids: list[str] = []
             for micro in range(tc.grad_accum):
                 t0 = time.perf_counter()
-                batch = next(st.batches)
+                batch = _next_batch(st, step + 1)
+                ids += list(batch["ids"])
                 t_data += time.perf_counter() - t0
                 if st.online is not None:  # live teachers: timed apart, so data_wait still means the loader
                     t0 = time.perf_counter()
@@ -251,16 +304,24 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / tc.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(st.params, tc.max_grad_norm)
                          if tc.max_grad_norm > 0 else None)
-            st.opt.step()
+            applied = guards.finite_step(st, sums, grad_norm)
+            if applied:
+                st.opt.step()
+                bad_run.clear()
+            # a skipped step still advances the schedule and the data position: resume maps step -> batch
             st.sched.step()
             st.opt.zero_grad(set_to_none=True)
             step += 1
+            if not applied:
+                guards.bad_step(st, step, sums, grad_norm, ids, bad_run)
             dt = time.perf_counter() - t_step
             if step % tc.log_every == 0 or step == stop_at:
                 row = rt.all_reduce_mean(sums)
                 row.update(step=step, stage=stage, lr=st.sched.get_last_lr()[0],
                            grad_norm=float(grad_norm) if grad_norm is not None else None,
                            samples_per_s=n_samples * rt.world / dt, step_time=dt, data_wait=t_data / dt)
+                if not applied:
+                    row["skipped_step"] = True
                 if st.online is not None:
                     row["teacher_time"] = t_teacher / dt
                 if st.metrics is not None:
@@ -271,6 +332,20 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
                 saved_at = step
             rt.barrier()
     return step, saved_at
+
+
+def _next_batch(st: Stage, step: int) -> dict[str, Any]:
+    """The next micro-batch; its skip records go to skipped.jsonl (tagged with the step that consumes it)."""
+    from olatrain.data import DataError
+
+    try:
+        batch = next(st.batches)
+    except DataError as e:  # bad data the policy cannot skip (or a worker's error): one line, not a traceback
+        raise RunError(f"[{st.cfg.train.stage}] step {step}: {e}") from None
+    records = batch.pop("skipped", None)
+    if records:
+        guards.record_skips(st, step, records)
+    return batch
 
 
 def _save_periodic(st: Stage, step: int) -> None:
@@ -284,10 +359,12 @@ def finish_stage(st: Stage, step: int, saved_at: int, log: Callable[[str], None]
     final = st.dir / "final"
     if st.metrics is not None:
         st.metrics.close()
+    st.rt.barrier()  # every rank's skip records are written
     if st.rt.main:
+        summary = guards.write_summary(st, step, log)
         if step >= st.cfg.train.max_steps:
             ckpt.save_checkpoint(final, weights=st.model.trainable_state_dict(), optimizer=None, scheduler=None,
-                                 step=step, stage=stage, config=st.cfg.to_dict())
+                                 step=step, stage=stage, config=st.cfg.to_dict(), extra={"data": summary})
             ckpt.mark_done(final)
             log(f"[{stage}] done: {final}")
         else:  # stopped early on purpose (train.stop_after): leave a resumable checkpoint
@@ -319,6 +396,8 @@ def inherit_teacher_kinds(cfg: Config, init_from: Path) -> None:
 def run(spec: RunSpec, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Run every stage in order; each initialises from the previous stage's final checkpoint."""
     out = spec.output_dir
+    for name in spec.stages:
+        guards.check_output_dir(spec.configs[name])
     out.mkdir(parents=True, exist_ok=True)
     prev: Path | None = None
     final = out

@@ -7,6 +7,15 @@ de-duplicated rows: the store reads fast only in batches). The rest of the pipel
 samples have usable targets), ``sampler.py`` (which samples a rank gets at a step), ``loader.py`` (collate and
 the DataLoader).
 
+Bad data never stops training silently (``skips.py``): an image that fails to load is replaced by the next
+usable sample and recorded, a store row holding non-finite values is masked like a failed target and recorded;
+the records travel with the batch (``batch["skipped"]``) to the training loop, which writes them to
+``skipped.jsonl``. An error inside a DataLoader worker comes back as a clean ``DataError`` message (see
+``loader.py``), never as a worker traceback.
+
+Text is bounded before tokenisation: each turn (and the conversation) is cut at ``data.max_length *
+MAX_CHARS_PER_TOKEN`` characters, which can only drop text that the token truncation drops anyway.
+
 Memory: the samples are kept packed (one UTF-8 JSON blob + offsets in numpy arrays), not as a list of dicts.
 DataLoader workers touching millions of small Python objects copy-on-write the whole list into every worker
 (refcount updates dirty the pages; pytorch issue 13246); flat numpy buffers stay shared after fork and pickle
@@ -23,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from olacache.inputs.annotations import load_annotations
 from olacache.inputs.images import ImageError, load_rgb
@@ -31,7 +40,21 @@ from olacache.inputs.keys import normalize_image_path
 from olatrain.config import Config
 from olatrain.data.errors import DataError
 from olatrain.data.pixels import pad_to_square, processor_mean_color, run_processor
+from olatrain.data.skips import (
+    BAD_IMAGE_POLICIES,
+    MAX_REPLACEMENT_TRIES,
+    image_record,
+    nonfinite_rows,
+    scan_images,
+    target_record,
+)
 from olatrain.data.templates import IMAGE_TOKEN_INDEX, TemplateError, tokenize_conversation
+
+# An upper bound on the characters one token covers in the vocabularies we train with (the longest tokens are
+# runs of spaces/punctuation; a few dozen characters at most). The first max_length * 64 characters of a text
+# always make at least max_length tokens, so cutting there before tokenising changes nothing after the token
+# truncation, while a 50 MB caption costs 128K characters (data.max_length=2048) instead of gigabytes.
+MAX_CHARS_PER_TOKEN = 64
 
 
 class PackedStrings:
@@ -85,6 +108,10 @@ class ConversationDataset(Dataset):
         if self.aspect not in ("square", "pad"):
             raise DataError(f"data.image_aspect must be 'square' or 'pad', got {self.aspect!r}")
         self.max_length = int(cfg.data.max_length)
+        self.max_chars = self.max_length * MAX_CHARS_PER_TOKEN
+        self.bad_images = getattr(cfg.data, "bad_images", "skip")
+        if self.bad_images not in BAD_IMAGE_POLICIES:
+            raise DataError(f"data.bad_images must be one of {list(BAD_IMAGE_POLICIES)}, got {self.bad_images!r}")
         self.image_tokens = int(cfg.model.image_tokens if image_tokens is None else image_tokens)
         self.task_tokens = int(sum(int(v) for v in cfg.model.task_tokens.values()))
         self.image_block = self.image_tokens + self.task_tokens
@@ -178,8 +205,22 @@ class ConversationDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> _Items:
         """A batch of items plus its targets from ONE ``reader.fetch`` (called by the DataLoader's fetcher
-        with the whole index list of a batch, inside the worker)."""
-        items = _Items(self._item(int(i)) for i in indices)
+        with the whole index list of a batch, inside the worker). Inside a worker a ``DataError`` is returned
+        as ``items.error`` (re-raised by the loader in the main process with its message alone)."""
+        try:
+            return self._batch(indices)
+        except DataError as e:
+            if get_worker_info() is None:
+                raise
+            failed = _Items()
+            failed.error = str(e)
+            return failed
+
+    def _batch(self, indices: Sequence[int]) -> _Items:
+        items = _Items()
+        items.skipped = []
+        for i in indices:
+            items.append(self._item_or_replacement(int(i), items.skipped))
         items.epoch = getattr(indices, "epoch", None)
         items.step = getattr(indices, "step", None)
         if self.reader is not None and self.teachers:
@@ -189,16 +230,83 @@ class ConversationDataset(Dataset):
             targets = {t: torch.zeros((b, *self.reader.shapes[t]), dtype=torch.float16) for t in self.teachers}
             ok = {t: torch.zeros(b, dtype=torch.bool) for t in self.teachers}
             if uniq:
-                got, got_ok = self.reader.fetch(uniq)  # one batched read; rows de-duplicated across samples
+                got, got_ok = self._fetch(uniq)  # one batched read; rows de-duplicated across samples
                 where = {p: n for n, p in enumerate(uniq)}
                 dst = [n for n, p in enumerate(paths) if p is not None]
                 src = torch.tensor([where[paths[n]] for n in dst], dtype=torch.long)
                 dst_t = torch.tensor(dst, dtype=torch.long)
                 for t in self.teachers:
+                    bad = got_ok[t] & nonfinite_rows(got[t])
+                    if bool(bad.any()):  # a corrupted row: failed target, never a NaN in the loss
+                        got_ok[t] = got_ok[t] & ~bad
+                        got[t][bad] = 0
+                        for n in dst:
+                            if bool(bad[where[paths[n]]]):
+                                items.skipped.append(target_record(items[n]["id"], paths[n], t))
                     targets[t][dst_t] = got[t].index_select(0, src)
                     ok[t][dst_t] = got_ok[t].index_select(0, src)
             items.targets, items.ok = targets, ok
         return items
+
+    def _fetch(self, paths: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        from olacache.store import StoreError
+
+        try:
+            return self.reader.fetch(paths)
+        except (StoreError, OSError) as e:
+            raise DataError(
+                f"cannot read targets from store {getattr(self.reader, 'url', '?')} ({' '.join(str(e).split())}); "
+                f"check it with `olacache verify`"
+            ) from None
+
+    def _item_or_replacement(self, i: int, skipped: list[dict[str, Any]]) -> dict[str, Any]:
+        """Active sample ``i``, or under ``data.bad_images=skip``, when its image cannot be used, the next
+        active sample (wrapping) whose image can; each failure is appended to ``skipped``."""
+        n = len(self)
+        first: list[dict[str, Any]] = []
+        for k in range(min(n, MAX_REPLACEMENT_TRIES)):
+            j = (i + k) % n
+            try:
+                item = self._item(j)
+            except _BadImage as e:
+                if self.bad_images == "error":
+                    raise DataError(
+                        f"sample {e.sid!r}: cannot use image {e.path}: {e.reason} (data.image_root="
+                        f"{self.image_root}, data.bad_images=error); fix or remove the sample, or set "
+                        f"data.bad_images=skip"
+                    ) from None
+                first.append(image_record(e.sid, e.key, e.reason, e.path))
+                continue
+            for rec in first:
+                rec["replaced_by"] = item["id"]
+            skipped.extend(first)
+            return item
+        e0 = first[0]
+        raise DataError(
+            f"{len(first)} images in a row could not be used (from sample {e0['id']!r}: {e0['path']}: "
+            f"{e0['reason']}); is data.image_root={self.image_root} right? Check the files, or fix "
+            f"{self.annotations}"
+        )
+
+    def scan_bad_images(self, threads: int) -> list[tuple[str, str]]:
+        """Decode every image of the active samples (the ``data.bad_images=error`` pre-scan);
+        -> [(sample id and path, reason)] of the failures."""
+        jobs: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for i in range(len(self)):
+            key = self.image_key(i)
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            s = self.sample(i)
+            jobs.append((str(i), f"sample {s['id']!r} ({key})"))
+
+        def load(job: str) -> None:
+            i = int(job)
+            s = self.sample(i)
+            self._pixels(self._load_image(s["image"], self.image_key(i) or "", s["id"]))
+
+        return scan_images(jobs, load, threads)
 
     def _item(self, i: int) -> dict[str, Any]:
         s = self.sample(i)
@@ -207,14 +315,20 @@ class ConversationDataset(Dataset):
         has_image = key is not None
         try:
             ids, labels = tokenize_conversation(
-                s["conversations"], self.tokenizer, self.template, has_image=has_image, sample_id=sid
+                s["conversations"], self.tokenizer, self.template, has_image=has_image, sample_id=sid,
+                max_chars=self.max_chars,
             )
         except TemplateError as e:
             raise DataError(f"{self.annotations}: {e}") from None
         ids, labels = self._truncate(ids, labels, has_image, sid)
         if has_image:
             img = self._load_image(s["image"], key, sid)
-            pixels = self._pixels(img)
+            try:
+                pixels = self._pixels(img)
+            except DataError:
+                raise
+            except Exception as e:  # the processor on an image it cannot handle: that image is bad data
+                raise _BadImage(sid, key, str(self.image_root / key), f"cannot preprocess: {e}") from None
         else:
             pixels = torch.zeros(self._pixel_shape, dtype=torch.float32)
         return {
@@ -251,10 +365,7 @@ class ConversationDataset(Dataset):
                     return load_rgb(self.image_root / raw)
                 except ImageError:
                     pass
-            raise DataError(
-                f"sample {sid!r}: cannot load image {e.path}: {e.reason} (data.image_root={self.image_root}); "
-                f"fix or remove the sample (`olacache build` records such images as failed)"
-            ) from None
+            raise _BadImage(sid, key, e.path, e.reason) from None
 
     def _pixels(self, img: Image.Image) -> torch.Tensor:
         if self.aspect == "pad":
@@ -266,11 +377,22 @@ class ConversationDataset(Dataset):
         return tuple(run_processor(self.image_processor, Image.new("RGB", (8, 8))).shape)
 
 
+class _BadImage(Exception):
+    """An image sample whose image cannot be used (decoding or preprocessing failed); handled by the policy."""
+
+    def __init__(self, sid: str, key: str, path: str, reason: str) -> None:
+        super().__init__(sid, key, path, reason)
+        self.sid, self.key, self.path, self.reason = sid, key, path, reason
+
+
 class _Items(list):
     """A batch's items plus its batch-level targets, handed from ``__getitems__`` to ``collate`` in the
-    worker (no per-sample split and re-stack of multi-MB target tensors)."""
+    worker (no per-sample split and re-stack of multi-MB target tensors), the records of what was skipped,
+    and, from a worker, the message of a ``DataError`` instead of the items."""
 
     targets: dict[str, torch.Tensor] | None = None
     ok: dict[str, torch.Tensor] | None = None
     epoch: int | None = None
     step: int | None = None
+    skipped: list[dict[str, Any]] | None = None
+    error: str | None = None

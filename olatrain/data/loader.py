@@ -1,9 +1,13 @@
-"""Items -> batches (``collate``) and the endless, resumable DataLoader over them (``build_dataloader``)."""
+"""Items -> batches (``collate``) and the endless, resumable DataLoader over them (``build_dataloader``).
+
+Errors in workers: torch re-raises a worker's exception in the main process with the worker's traceback
+pasted into its message. The dataset returns a ``DataError`` as a value instead (``items.error``), ``collate``
+passes it on as ``batch["error"]`` and ``StepLoader`` raises it in the main process: one clean line."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +30,14 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
       {teacher: (B,) bool = has_image & the store row is OK}; both ``{}`` without a store reader.
     - ``ids`` list[str]; ``image_paths`` list[str | None] (normalised store keys, relative to data.image_root).
     - ``epoch``, ``step``: int, the sampler position of this batch (None when not from ``build_dataloader``).
+    - ``skipped``: list of records (``olatrain.data.skips``) of the images replaced and target rows masked
+      while making this batch (present only when there are any).
+
+    A batch the dataset could not make (``items.error``) collates to ``{"error": message}``.
     """
+    error = getattr(items, "error", None)
+    if error is not None:
+        return {"error": error}
     b = len(items)
     if b == 0:
         raise DataError("cannot collate an empty batch")
@@ -51,7 +62,7 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
         for t in items[0]["targets"]:
             targets[t] = torch.stack([it["targets"][t] for it in items])
             ok[t] = torch.tensor([bool(it["target_ok"][t]) for it in items], dtype=torch.bool)
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attn,
         "labels": labels,
@@ -64,6 +75,10 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
         "epoch": getattr(items, "epoch", None),
         "step": getattr(items, "step", None),
     }
+    skipped = getattr(items, "skipped", None)
+    if skipped:
+        out["skipped"] = list(skipped)
+    return out
 
 
 class _Collate:
@@ -74,6 +89,30 @@ class _Collate:
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return collate(items, self.pad_id)
+
+
+class StepLoader(DataLoader):
+    """A DataLoader whose batches that failed in a worker are raised in the main process as one
+    ``DataError`` carrying the dataset's message alone."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # made now, not lazily: starting the workers draws their base seed from the global RNG, and the
+        # trainer relies on that happening before it restores a checkpoint's RNG state
+        return _RaiseErrors(super().__iter__())
+
+
+class _RaiseErrors:
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+
+    def __iter__(self) -> _RaiseErrors:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._it)
+        if isinstance(batch, dict) and "error" in batch:
+            raise DataError(batch["error"])
+        return batch
 
 
 def build_dataloader(
@@ -111,7 +150,7 @@ def build_dataloader(
         kwargs.update(persistent_workers=True, multiprocessing_context=ctx)
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-    return DataLoader(
+    return StepLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=_Collate(dataset.pad_id),

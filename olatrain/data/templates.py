@@ -121,14 +121,20 @@ def tokenize_conversation(
     has_image: bool,
     sample_id: str = "?",
     add_generation_prompt: bool = False,
+    max_chars: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Render and tokenise one LLaVA conversation.
 
     Returns ``(input_ids, labels)`` of equal length, plain int lists (the caller makes tensors and
     truncates). ``input_ids`` holds ``IMAGE_TOKEN_INDEX`` once when ``has_image``; ``labels`` is
     ``IGNORE_INDEX`` except on assistant tokens and their end-of-turn token.
+
+    ``max_chars`` bounds the text BEFORE tokenisation (see ``cap_turns``): pass a bound beyond which the
+    caller's token truncation would drop the text anyway.
     """
     system, turns = normalize_turns(conversations, has_image=has_image, sample_id=sample_id)
+    if max_chars is not None:
+        system, turns = cap_turns(system, turns, max_chars)
     if template == "auto":
         segments = _auto_segments(tokenizer, system, turns, add_generation_prompt, sample_id)
         bos_id = None  # the template writes its own BOS (if any) as text
@@ -198,6 +204,25 @@ def normalize_turns(
         raise TemplateError(f"sample {sample_id!r}: {IMAGE_PLACEHOLDER!r} is in an answer (turn {k})")
     # reference rule: remove every occurrence in the message, strip, and put one in front
     out[k] = (role, IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip())
+    return system, out
+
+
+def cap_turns(
+    system: str | None, turns: list[tuple[str, str]], max_chars: int
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """Cut the messages at ``max_chars`` characters in total (each message, and the conversation: messages
+    starting beyond the budget are dropped), so a huge caption costs bounded memory in the tokenizer. The
+    image placeholder is at the front of its message by now (``normalize_turns``), so it is never cut."""
+    if system is not None and len(system) > max_chars:
+        system = system[:max_chars]
+    out: list[tuple[str, str]] = []
+    used = 0
+    for role, text in turns:
+        if used >= max_chars:
+            break
+        text = text[: max_chars - used] if len(text) > max_chars - used else text
+        used += len(text)
+        out.append((role, text))
     return system, out
 
 
