@@ -196,15 +196,14 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     try:
         dataset = ConversationDataset(cfg, tokenizer, image_processor, reader, cfg.teachers)
         kept = check_targets(dataset, reader, cfg) if reader is not None else {}
-        if cfg.data.bad_images == "error" and rt.main:
-            bad = dataset.scan_bad_images(max(1, cfg.data.num_workers))
-            if bad:
-                ex = "; ".join(f"{what}: {why}" for what, why in bad[:3])
-                raise DataError(f"{len(bad)} image(s) of {cfg.data.annotations} cannot be used "
-                                f"(data.bad_images=error), e.g. {ex}. Fix or remove them, or set "
-                                f"data.bad_images=skip to train without them")
+        dataset.check_image_root()
     except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
         raise RunError(f"[{stage}] {e}") from None
+    if cfg.data.bad_images == "error":  # rank 0 decodes every image once; every rank stops on its verdict
+        problem = _prescan(dataset, cfg) if rt.main else None
+        problem = rt.broadcast_object(problem)
+        if problem:
+            raise RunError(f"[{stage}] {problem}")
     if rt.distributed and reader is not None:
         # every rank must shard the SAME sample list: rank 0's view of the store decides (a store still being
         # built could otherwise give ranks different skip lists and so overlapping/missing samples)
@@ -263,6 +262,16 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     return Stage(cfg, rt, amp, stage_dir, model, ddp, params, opt, sched, batches, online, start_step,
                  resume_from is not None, metrics, log=log, skip_log=skip_log, excluded=excluded,
                  n_samples=dataset.n_samples)
+
+
+def _prescan(dataset: Any, cfg: Config) -> str | None:
+    """The ``data.bad_images=error`` pre-scan: None when every image decodes, else the one-line refusal."""
+    bad = dataset.scan_bad_images(max(1, cfg.data.num_workers))
+    if not bad:
+        return None
+    ex = "; ".join(f"{what}: {why}" for what, why in bad[:3])
+    return (f"{len(bad)} image(s) of {cfg.data.annotations} cannot be used (data.bad_images=error), e.g. {ex}. "
+            f"Fix or remove them, or set data.bad_images=skip to train without them")
 
 
 def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:

@@ -261,7 +261,8 @@ class ConversationDataset(Dataset):
 
     def _item_or_replacement(self, i: int, skipped: list[dict[str, Any]]) -> dict[str, Any]:
         """Active sample ``i``, or under ``data.bad_images=skip``, when its image cannot be used, the next
-        active sample (wrapping) whose image can; each failure is appended to ``skipped``."""
+        active sample (wrapping) whose image can. Sample ``i``'s failure is appended to ``skipped`` (the
+        samples passed over on the way are recorded when they are asked for themselves)."""
         n = len(self)
         first: list[dict[str, Any]] = []
         for k in range(min(n, MAX_REPLACEMENT_TRIES)):
@@ -277,9 +278,9 @@ class ConversationDataset(Dataset):
                     ) from None
                 first.append(image_record(e.sid, e.key, e.reason, e.path))
                 continue
-            for rec in first:
-                rec["replaced_by"] = item["id"]
-            skipped.extend(first)
+            if first:
+                first[0]["replaced_by"] = item["id"]
+                skipped.append(first[0])
             return item
         e0 = first[0]
         raise DataError(
@@ -287,6 +288,30 @@ class ConversationDataset(Dataset):
             f"{e0['reason']}); is data.image_root={self.image_root} right? Check the files, or fix "
             f"{self.annotations}"
         )
+
+    def check_image_root(self, probe: int = 32) -> None:
+        """Refuse a wrong ``data.image_root`` before step 1: when none of the first ``probe`` distinct images
+        of the active samples exists there (a cheap stat each), replacing them one by one would only train on
+        the text-only samples."""
+        tried: list[Path] = []
+        seen: set[str] = set()
+        for i in range(len(self)):
+            key = self.image_key(i)
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            raw = self.sample(i)["image"]
+            if (self.image_root / key).exists() or (self.image_root / raw).exists():
+                return
+            tried.append(self.image_root / key)
+            if len(tried) >= probe:
+                break
+        if tried:
+            raise DataError(
+                f"none of the first {len(tried)} images of {self.annotations} exists under data.image_root="
+                f"{self.image_root} (first path tried: {tried[0]}); set data.image_root to the directory the "
+                f"annotation paths are relative to"
+            )
 
     def scan_bad_images(self, threads: int) -> list[tuple[str, str]]:
         """Decode every image of the active samples (the ``data.bad_images=error`` pre-scan);
