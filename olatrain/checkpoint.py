@@ -33,6 +33,7 @@ import os
 import pickle
 import random
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,11 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / RNG)
     (tmp / STATE).write_text(json.dumps({"step": step, "stage": stage, "config": config, **(extra or {})},
                                         indent=1, default=str))
+    # safetensors writes through a private temp file (mode 0600); give every file the mode open() gave
+    # state.json, i.e. the user's umask, so checkpoints are as shareable as anything else the user writes
+    mode = stat.S_IMODE((tmp / STATE).stat().st_mode)
+    for f in tmp.iterdir():
+        os.chmod(f, mode)
     _write_manifest(tmp)  # last: it covers every file above, as read back from disk
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
