@@ -1,6 +1,6 @@
 """Bad samples found while training: what counts as one, how it is recorded, and the optional pre-scan.
 
-Policy (``data.bad_images``, docs/method.md §8):
+Policy (``data.bad_images``; docs/method.md §8):
 
 - ``skip`` (default): an image that fails to decode or preprocess at train time is replaced by the next active
   sample (in index order, wrapping) whose image works, or that has no image. The choice depends only on the
