@@ -163,20 +163,22 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     # -- resume point (decided before anything expensive; rank 0 verifies, every rank takes its choice)
     start_step, resume_from = 0, None
     if resume:
-        found = None
+        verdict: tuple[str | None, str | None] = (None, None)  # (checkpoint to resume from, refusal)
         if rt.main:
             found, damaged = ckpt.find_resumable(stage_dir)
             for path, why in damaged:
                 log(f"[{stage}] checkpoint {path} is damaged or incomplete ({why}); "
                     + ("trying an older one" if path != damaged[-1][0] or found is not None else "none is left"))
-            if found is None and damaged:
-                found = f"no intact checkpoint in {stage_dir / 'checkpoints'} (the newest: {damaged[0][1]}); " \
-                        f"remove {stage_dir} to train the stage from its start"
-        found = rt.broadcast_object(None if found is None else str(found))
-        if found is not None and not Path(found).is_dir():
-            raise RunError(f"[{stage}] cannot resume: {found}")
-        if found is not None:
-            resume_from = Path(found)
+            if found is not None:
+                verdict = (str(found), None)
+            elif damaged:
+                verdict = (None, f"no intact checkpoint in {stage_dir / 'checkpoints'} (the newest: "
+                                 f"{damaged[0][1]}); remove {stage_dir} to train the stage from its start")
+        found_s, refusal = rt.broadcast_object(verdict)
+        if refusal is not None:
+            raise RunError(f"[{stage}] cannot resume: {refusal}")
+        if found_s is not None:
+            resume_from = Path(found_s)
             start_step = int(ckpt.load_state(resume_from)["step"])
     elif ckpt.latest_checkpoint(stage_dir) is not None:
         raise SystemExit(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -210,7 +212,7 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         dataset.set_active(rt.broadcast_object(dataset.active_indices if rt.main else None))
     if rt.main and kept.get("skipped"):
         log(f"[{stage}] skipped {kept['skipped']} sample(s) whose targets are missing/failed in the store")
-    excluded = {"failed_targets": int(kept.get("skipped", 0))}
+    excluded = {"targets_missing_or_failed": int(kept.get("skipped", 0))}
     loader = build_dataloader(dataset, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                               rank=rt.rank, world_size=rt.world, num_workers=cfg.data.num_workers,
                               start_step=start_step * cfg.train.grad_accum, drop_last=True)

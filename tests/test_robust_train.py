@@ -144,7 +144,7 @@ def test_pt_ift_on_dirty_data_finishes_and_counts_the_skipped(straight, dirty):
     # PT: the store knows the five failed images; they are excluded before step 1 and counted
     assert any("[pt] skipped 5 sample(s)" in m for m in logs), logs
     pt = json.loads((out / "pt" / SUMMARY).read_text())
-    assert pt["excluded_before_step_1"] == {"failed_targets": 5} and pt["images_replaced"] == 0, pt
+    assert pt["excluded_before_step_1"] == {"targets_missing_or_failed": 5} and pt["images_replaced"] == 0, pt
     assert ckpt.load_state(out / "pt" / "final")["data"] == pt
     # IFT has no store: each bad image is met once in the unshuffled epoch, replaced and listed with its reason
     ift = json.loads((out / "ift" / SUMMARY).read_text())

@@ -197,6 +197,8 @@ class ConversationDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         """One item; its targets (if any) as per-sample ``targets``/``target_ok`` entries."""
         items = self.__getitems__([i])
+        if items.error is not None:
+            raise DataError(items.error)
         item = items[0]
         if items.targets is not None:
             item["targets"] = {t: v[0] for t, v in items.targets.items()}
