@@ -27,6 +27,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +321,13 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
                 st.opt.step()
                 bad_run.clear()
             # a skipped step still advances the schedule and the data position: resume maps step -> batch
-            st.sched.step()
+            if applied:
+                st.sched.step()
+            else:
+                with warnings.catch_warnings():  # torch warns when the very first step is skipped: intended
+                    warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before",
+                                            category=UserWarning)
+                    st.sched.step()
             st.opt.zero_grad(set_to_none=True)
             step += 1
             if not applied:

@@ -307,6 +307,23 @@ def test_corrupted_store_rows_are_masked_never_a_nan_step(dirty, tmp_path):
     assert all(bool(v.isfinite().all()) for v in w.values())
 
 
+def test_a_corrupted_shard_index_stops_with_one_line(dirty, tmp_path):
+    """A shard whose (crc-checked) index is damaged cannot be read at all: the run stops at its first batch
+    with one line naming the store, also when the read happens in a DataLoader worker."""
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(dirty["store"], store)
+    shard = next(p for p in (store / "gen" / "target" / "c").rglob("*") if p.is_file())
+    _flip(shard, shard.stat().st_size - 6)
+    out = tmp_path / "run"
+    with pytest.raises(RunError) as e:
+        _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=2", "data.num_workers=1",
+                                                  store=str(store)))
+    msg = str(e.value)
+    _one_line(msg)
+    assert msg.startswith("[pt] step 1:") and str(store) in msg and "olacache verify" in msg, msg
+    assert not _rows(out / "pt")
+
+
 def _nan_on(steps: set[int], monkeypatch) -> None:
     """Make the model's loss NaN on the given (1-based) forward calls: a stand-in for any non-finite step."""
     from olatrain.model import OLAVLM
@@ -354,6 +371,10 @@ def test_consecutive_non_finite_steps_stop_the_run(dirty, tmp_path, monkeypatch)
     assert isinstance(e.value, SystemExit) and e.value.code == msg  # exits 1 with the line when uncaught
     assert not (out / "pt" / "final").exists()
     assert [x["step"] for x in _skips(out / "pt") if x["kind"] == "step"] == [2, 3, 4]
+    # through the command line: the line, no traceback, a failing exit status
+    res, flat = _cli("run", _config(tmp_path, ("pt",)),
+                     *[x for s in _dsets(dirty, tmp_path / "cli", "train.max_steps=10") for x in ("--set", s)])
+    assert res.exit_code == 1 and "stepsinarow" in flat and "Traceback" not in res.output, res.output
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
