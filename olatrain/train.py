@@ -319,11 +319,9 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
             applied = guards.finite_step(st, sums, grad_norm)
             if applied:
                 st.opt.step()
-                bad_run.clear()
-            # a skipped step still advances the schedule and the data position: resume maps step -> batch
-            if applied:
                 st.sched.step()
-            else:
+                bad_run.clear()
+            else:  # not applied, but the schedule and the data position advance: resume maps step -> batch
                 with warnings.catch_warnings():  # torch warns when the very first step is skipped: intended
                     warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before",
                                             category=UserWarning)
