@@ -33,14 +33,20 @@ def nonfinite_rows(batch: torch.Tensor) -> torch.Tensor:
     """(B,) bool: rows of ``batch`` holding any NaN or inf.
 
     fp16 (what stores hold) is tested on its bits, ``(bits & 0x7fff) >= 0x7c00`` (exponent all ones): one
-    integer pass, ~4x faster on CPU than ``torch.isfinite`` on half tensors (measured 21 vs 132 ms for a
-    32 x 576 x 1024 batch, one thread)."""
+    integer pass per row into a row-sized buffer that stays in cache. On one CPU thread, for a 32 x 576 x 1024
+    batch: ~14 ms, against ~60 ms for the same test on the whole batch at once and ~130 ms for
+    ``torch.isfinite`` on the half tensor: less than copying the batch once (bench/bench_nonfinite_rows.py)."""
     b = batch.shape[0]
     if b == 0:
         return torch.zeros(0, dtype=torch.bool)
     if batch.dtype == torch.float16 and batch.device.type == "cpu" and batch.is_contiguous():
         bits = batch.numpy().view(np.uint16).reshape(b, -1)
-        return torch.from_numpy((bits & 0x7FFF).max(axis=1) >= 0x7C00)
+        buf = np.empty(bits.shape[1], dtype=np.uint16)
+        out = np.empty(b, dtype=bool)
+        for i in range(b):
+            np.bitwise_and(bits[i], 0x7FFF, out=buf)
+            out[i] = bits.shape[1] > 0 and buf.max() >= 0x7C00
+        return torch.from_numpy(out)
     return ~torch.isfinite(batch.reshape(b, -1)).all(dim=1).cpu()
 
 
