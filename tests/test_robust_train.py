@@ -293,16 +293,36 @@ def test_corrupted_store_rows_are_masked_never_a_nan_step(dirty, tmp_path):
     bad = [p for p, x, k in zip(r.image_paths, got["gen"], ok["gen"], strict=True) if k and not x.isfinite().all()]
     assert 1 <= len(bad) <= 3, bad
     out = tmp_path / "run"
-    logs = _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=8", "data.shuffle=true",
+    logs = _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=4",
                                                       store=str(store)))
     rows = _rows(out / "pt")
-    assert [x["step"] for x in rows] == list(range(1, 9))
+    assert [x["step"] for x in rows] == list(range(1, 5))
     assert all(np.isfinite(x["loss"]) and np.isfinite(x["loss_gen"]) and "skipped_step" not in x for x in rows)
     recs = [x for x in _skips(out / "pt") if x["kind"] == "target"]
     assert recs and {x["image"] for x in recs} <= set(bad) and all(x["teacher"] == "gen" for x in recs), recs
     summary = json.loads((out / "pt" / SUMMARY).read_text())
     assert summary["target_rows_masked"] == len(recs) and summary["steps_not_applied"] == 0
     assert any("target row(s) masked" in m for m in logs), logs
+    w = load_file(str(out / "pt" / "final" / ckpt.WEIGHTS))
+    assert all(bool(v.isfinite().all()) for v in w.values())
+
+
+def test_the_step_guard_catches_what_the_row_check_would_miss(dirty, tmp_path, monkeypatch):
+    """Defence in depth: with the row check switched off, the NaN rows reach the loss, and the steps holding
+    them are not applied (the weights stay finite) instead of training on NaN."""
+    from olatrain.data import dataset as ds_mod
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(dirty["store"], store)
+    _corrupt_first_rows(str(store), "gen", 3)
+    monkeypatch.setattr(ds_mod, "nonfinite_rows", lambda t: torch.zeros(t.shape[0], dtype=torch.bool))
+    out = tmp_path / "run"
+    _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=4", store=str(store)))
+    rows = _rows(out / "pt")
+    skipped = [x["step"] for x in rows if x.get("skipped_step")]
+    assert skipped and all(not np.isfinite(x["loss"]) for x in rows if x.get("skipped_step")), rows
+    assert all(np.isfinite(x["loss"]) for x in rows if not x.get("skipped_step"))
+    assert json.loads((out / "pt" / SUMMARY).read_text())["steps_not_applied"] == len(skipped)
     w = load_file(str(out / "pt" / "final" / ckpt.WEIGHTS))
     assert all(bool(v.isfinite().all()) for v in w.values())
 
