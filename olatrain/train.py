@@ -202,9 +202,8 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         dataset.check_image_root()
     except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
         raise RunError(f"[{stage}] {e}") from None
-    if cfg.data.bad_images == "error":  # rank 0 decodes every image once; every rank stops on its verdict
-        problem = _prescan(dataset, cfg) if rt.main else None
-        problem = rt.broadcast_object(problem)
+    if cfg.data.bad_images == "error":  # every rank decodes its share of the images; all stop on any failure
+        problem = _prescan(dataset, cfg, rt)
         if problem:
             raise RunError(f"[{stage}] {problem}")
     if rt.distributed and reader is not None:
@@ -267,9 +266,12 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
                  n_samples=dataset.n_samples)
 
 
-def _prescan(dataset: Any, cfg: Config) -> str | None:
-    """The ``data.bad_images=error`` pre-scan: None when every image decodes, else the one-line refusal."""
-    bad = dataset.scan_bad_images(max(1, cfg.data.num_workers))
+def _prescan(dataset: Any, cfg: Config, rt: Runtime) -> str | None:
+    """The ``data.bad_images=error`` pre-scan, split over the ranks (rank r decodes every world-th image, so
+    the ranks finish together and none waits out a collective timeout); None when every image decodes, else the
+    one-line refusal (the same on every rank)."""
+    mine = dataset.scan_bad_images(max(1, cfg.data.num_workers), rank=rt.rank, world=rt.world)
+    bad = [b for part in rt.gather_objects(mine) for b in part]
     if not bad:
         return None
     ex = "; ".join(f"{what}: {why}" for what, why in bad[:3])

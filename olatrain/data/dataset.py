@@ -315,9 +315,10 @@ class ConversationDataset(Dataset):
                 f"annotation paths are relative to"
             )
 
-    def scan_bad_images(self, threads: int) -> list[tuple[str, str]]:
-        """Decode every image of the active samples (the ``data.bad_images=error`` pre-scan);
-        -> [(sample id and path, reason)] of the failures."""
+    def scan_bad_images(self, threads: int, *, rank: int = 0, world: int = 1) -> list[tuple[str, str]]:
+        """Decode every image of the active samples (the ``data.bad_images=error`` pre-scan), or this rank's
+        share of them (every ``world``-th distinct image from ``rank``); -> [(sample id and path, reason)] of
+        the failures."""
         jobs: list[tuple[str, str]] = []
         seen: set[str] = set()
         for i in range(len(self)):
@@ -333,7 +334,7 @@ class ConversationDataset(Dataset):
             s = self.sample(i)
             self._pixels(self._load_image(s["image"], self.image_key(i) or "", s["id"]))
 
-        return scan_images(jobs, load, threads)
+        return scan_images(jobs[rank::world], load, threads)
 
     def _item(self, i: int) -> dict[str, Any]:
         s = self.sample(i)
