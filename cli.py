@@ -271,3 +271,21 @@ def generate_cmd(
     except GenerateError as e:
         _fail(str(e))
     out.print(text)
+
+
+# ---------------------------------------------------------------------------- olatrain: scale and export (#9)
+@olatrain_app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A stage's final/ directory (e.g. runs/tiny/ift/final).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Empty or new directory for the Hugging Face LLaVA model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: bf16, fp16 or fp32.")] = "fp32",
+) -> None:
+    """Write a transformers LlavaForConditionalGeneration directory (model, processor, chat template)."""
+    from olatrain.export import ExportError, export
+
+    try:
+        s = export(checkpoint, out_dir, dtype=dtype)
+    except ExportError as e:
+        _fail(str(e))
+    out.print(f"exported {checkpoint} -> {s.out} ({s.dtype}, vocab {s.vocab_size}, image token {s.image_token_id}, "
+              f"{len(s.task_tokens)} task tokens, image_aspect {s.image_aspect})")
