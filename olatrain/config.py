@@ -134,6 +134,9 @@ class TrainConfig:
     # On a small shared machine fewer is faster: OpenMP threads spin-wait, and 2 threads on 2 cores with any other
     # busy process made the tiny run ~6x slower than 1 thread (configs/tiny.yaml sets 1)
     cpu_threads: int | None = None
+    # "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: parameters, gradients and AdamW state sharded
+    # per decoder layer; sharded DCP checkpoints, final/ consolidated). See olatrain/parallel.py.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -213,6 +216,8 @@ def validate(cfg: Config) -> None:
                                 ("train.grad_checkpointing", t.grad_checkpointing, ("auto", "on", "off"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or none for torch's default), got {t.cpu_threads}")
     if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:

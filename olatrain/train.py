@@ -27,6 +27,7 @@ import torch
 
 from olacache.common.runtime import Runtime, init_runtime
 from olatrain import checkpoint as ckpt
+from olatrain import parallel
 from olatrain.config import Config, RunSpec, config_from_dict
 from olatrain.metrics import MetricsLog, TrainDisplay
 
@@ -124,6 +125,7 @@ class Stage:
     start_step: int
     resumed: bool
     metrics: MetricsLog | None
+    sharded: bool = False  # train.parallel=fsdp: collective, sharded checkpoints (olatrain.dcp)
 
 
 def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume: bool,
@@ -144,12 +146,19 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     # -- resume point (decided before anything expensive)
+    sharded = parallel.is_sharded(cfg)
+    if sharded:
+        from olatrain import dcp
     start_step, resume_from = 0, None
     if resume:
-        resume_from = ckpt.latest_checkpoint(stage_dir)
+        resume_from = dcp.latest_checkpoint(stage_dir) if sharded else ckpt.latest_checkpoint(stage_dir)
+        other = ckpt.latest_checkpoint(stage_dir) if sharded else _latest_sharded(stage_dir)
+        if resume_from is None and other is not None:
+            raise SystemExit(f"{other} was saved with train.parallel={'ddp' if sharded else 'fsdp'}: resume the "
+                             "stage with that setting (a finished stage's final/ works with either)")
         if resume_from is not None:
             start_step = ckpt.load_state(resume_from)["step"]
-    elif ckpt.latest_checkpoint(stage_dir) is not None:
+    elif ckpt.latest_checkpoint(stage_dir) is not None or _latest_sharded(stage_dir) is not None:
         raise SystemExit(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another output_dir")
 
@@ -185,6 +194,9 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     gc_mode = cfg.train.grad_checkpointing
     if gc_mode == "on" or (gc_mode == "auto" and rt.device.type == "cuda"):
         model.enable_gradient_checkpointing()
+    parallel.cast_frozen(model, cfg, rt.device)  # frozen weights in bf16 on CUDA (a no-op on CPU)
+    if sharded:  # before the optimizer: FSDP turns the parameters into sharded DTensors
+        parallel.shard(model, cfg, rt)
     params = [p for p in model.parameters() if p.requires_grad]
     # one group, as the reference (same lr for projector, predictors, tokens and temperatures in PT)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
@@ -193,15 +205,16 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     # start the data stream (and its workers) BEFORE restoring the RNG: creating the iterator draws a worker
     # base seed from the global RNG, which would otherwise shift a resumed run's RNG stream by one draw
     batches: Iterator[dict[str, Any]] = iter(loader)
-    if resume_from is not None:
+    if resume_from is not None and sharded:
+        dcp.load_sharded(resume_from, model=model, optimizer=opt, scheduler=sched)
+        if rt.main:
+            log(f"[{stage}] resumed from {resume_from} at step {start_step}")
+    elif resume_from is not None:
         model.load_trainable_state_dict(ckpt.load_weights(resume_from), strict=False)
         ckpt.load_training_state(resume_from, opt, sched)
         if rt.main:
             log(f"[{stage}] resumed from {resume_from} at step {start_step}")
-    ddp = model
-    if rt.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    ddp = model if sharded else parallel.wrap_ddp(model, rt)
 
     metrics = None
     if rt.main:
@@ -212,7 +225,13 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
             f"{cfg.train.max_steps} steps x {cfg.train.batch_size}x{cfg.train.grad_accum}x{rt.world}, "
             f"device {rt.device}" + (f", targets {cfg.train.targets}" if cfg.teachers else ""))
     return Stage(cfg, rt, amp, stage_dir, model, ddp, params, opt, sched, batches, online, start_step,
-                 resume_from is not None, metrics)
+                 resume_from is not None, metrics, sharded)
+
+
+def _latest_sharded(stage_dir: Path) -> Path | None:
+    from olatrain import dcp
+
+    return dcp.latest_checkpoint(stage_dir)
 
 
 def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
@@ -266,7 +285,7 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
                 if st.metrics is not None:
                     st.metrics.write(row)
                 display.update(step, row)
-            if rt.main and tc.save_every > 0 and step % tc.save_every == 0 and step < tc.max_steps:
+            if (rt.main or st.sharded) and tc.save_every > 0 and step % tc.save_every == 0 and step < tc.max_steps:
                 _save_periodic(st, step)
                 saved_at = step
             rt.barrier()
@@ -274,6 +293,12 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
 
 
 def _save_periodic(st: Stage, step: int) -> None:
+    if st.sharded:  # collective: every rank writes its shards
+        from olatrain import dcp
+
+        dcp.save_periodic(st.dir, model=st.model, optimizer=st.opt, scheduler=st.sched, step=step,
+                          stage=st.cfg.train.stage, config=st.cfg.to_dict())
+        return
     ckpt.save_periodic(st.dir, weights=st.model.trainable_state_dict(), optimizer=st.opt, scheduler=st.sched,
                        step=step, stage=st.cfg.train.stage, config=st.cfg.to_dict())
 
@@ -284,9 +309,20 @@ def finish_stage(st: Stage, step: int, saved_at: int, log: Callable[[str], None]
     final = st.dir / "final"
     if st.metrics is not None:
         st.metrics.close()
+    weights: dict[str, torch.Tensor] = {}
+    if st.sharded:  # collective parts first: final/ gathers the full tensors; a stop saves shards
+        from olatrain import dcp
+
+        if step >= st.cfg.train.max_steps:
+            weights = dcp.consolidated_weights(st.model, stage)
+        elif saved_at != step:
+            _save_periodic(st, step)
+            saved_at = step
     if st.rt.main:
         if step >= st.cfg.train.max_steps:
-            ckpt.save_checkpoint(final, weights=st.model.trainable_state_dict(), optimizer=None, scheduler=None,
+            if not st.sharded:
+                weights = st.model.trainable_state_dict()
+            ckpt.save_checkpoint(final, weights=weights, optimizer=None, scheduler=None,
                                  step=step, stage=stage, config=st.cfg.to_dict())
             ckpt.mark_done(final)
             log(f"[{stage}] done: {final}")
