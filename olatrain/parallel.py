@@ -127,5 +127,14 @@ def wrap_ddp(model: nn.Module, rt: Any) -> nn.Module:
         model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
+def describe(model: nn.Module) -> str:
+    """One line for the log: units and world size (e.g. "9 units sharded over 2 ranks")."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return f"{len(units)} units sharded over {world} rank(s), vision tower replicated"
+
+
 def is_sharded(cfg: Any) -> bool:
     return getattr(cfg.train, "parallel", "ddp") == "fsdp"

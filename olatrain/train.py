@@ -197,6 +197,8 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     parallel.cast_frozen(model, cfg, rt.device)  # frozen weights in bf16 on CUDA (a no-op on CPU)
     if sharded:  # before the optimizer: FSDP turns the parameters into sharded DTensors
         parallel.shard(model, cfg, rt)
+        if rt.main:
+            log(f"[{stage}] FSDP: {parallel.describe(model)}")
     params = [p for p in model.parameters() if p.requires_grad]
     # one group, as the reference (same lr for projector, predictors, tokens and temperatures in PT)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,

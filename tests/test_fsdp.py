@@ -1,0 +1,150 @@
+"""train.parallel=fsdp (FSDP2 + DCP) on CPU with gloo, through the real entry points (torchrun, `olatrain run`):
+
+- 2 ranks x batch 2 == 1 process x batch 4 (the same global batch), PT then IFT, losses and final weights;
+- a sharded checkpoint saved by 2 ranks resumes in 1 process (N -> M) and the result equals the straight run;
+- a kill inside a sharded save (shards written, not yet renamed into place) leaves the previous checkpoint
+  as the one resumed, and the resumed run still equals the straight run;
+- FSDP's final/ is the same consolidated safetensors format a DDP stage writes (IFT initialises from it; the
+  equality of the IFT losses shows it loaded).
+
+PT runs on a gen-only store (one cheap teacher); the reference is a plain single-process run (DDP path).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT
+from test_train import (
+    GEN_ONLY,
+    _assert_same_losses,
+    _assert_same_weights,
+    _build_store,
+    _config,
+    _env,
+    _rows,
+    _sets,
+    _train,
+)
+
+from olatrain import checkpoint as ckpt
+from olatrain import dcp
+
+PT_STEPS, IFT_STEPS = 4, 2
+COMMON = [*GEN_ONLY, f"stages.pt.train.max_steps={PT_STEPS}", f"stages.ift.train.max_steps={IFT_STEPS}",
+          "train.grad_accum=1", "data.shuffle=true"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_no_leftover_group():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    if dist.is_initialized():  # the private one-rank group an in-process FSDP run creates
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    url, summary = _build_store(tmp_path_factory.mktemp("store") / "store.zarr", ["gen"])
+    assert not summary.failures
+    return url
+
+
+@pytest.fixture(scope="module")
+def cfg2(tmp_path_factory) -> Path:
+    return _config(tmp_path_factory.mktemp("cfg"), ("pt", "ift"))
+
+
+@pytest.fixture(scope="module")
+def single(store, cfg2, tmp_path_factory) -> Path:
+    """The reference: one process, batch 4, PT then IFT, no checkpoints but final/."""
+    out = tmp_path_factory.mktemp("single")
+    _train(cfg2, _sets(store, out, *COMMON, "train.batch_size=4", "train.save_every=0"))
+    return out
+
+
+def _torchrun(config: Path, sets: list[str], nproc: int = 2, resume: bool = False) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "olatrain", "run", str(config), *[x for s in sets for x in ("--set", s)]]
+    res = subprocess.run(cmd + (["--resume"] if resume else []), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    return res.stdout + res.stderr
+
+
+def test_fsdp_two_ranks_match_single_process_pt_and_ift(store, cfg2, single, tmp_path):
+    out = tmp_path / "fsdp"
+    # save_every=2: a sharded periodic checkpoint is written mid-stage too (and must not disturb the run)
+    log = _torchrun(cfg2, _sets(store, out, *COMMON, "train.batch_size=2", "train.parallel=fsdp",
+                                "train.save_every=2"))
+    assert "[pt] FSDP:" in log and "sharded over 2 rank(s)" in log  # really sharded, not a silent fallback
+    for stage, n in (("pt", PT_STEPS), ("ift", IFT_STEPS)):
+        a, b = _rows(single / stage), _rows(out / stage)
+        assert len(b) == n
+        _assert_same_losses(b, a, rtol=1e-4, atol=1e-6)
+        _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
+    # the periodic checkpoint is sharded (DCP), final/ is the consolidated safetensors every reader uses
+    step2 = out / "pt" / "checkpoints" / "step_000002"
+    assert dcp.is_complete(step2) and not (step2 / ckpt.WEIGHTS).exists()
+    assert len(list(step2.glob("*.distcp"))) == 2  # one shard file per rank
+    assert (out / "pt" / "final" / ckpt.WEIGHTS).is_file() and ckpt.is_done(out / "ift" / "final")
+
+
+def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(store, cfg2, single, tmp_path):
+    out = tmp_path / "split"
+    sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=0")
+    _torchrun(cfg2, [*sets, "train.batch_size=2", "stages.pt.train.stop_after=2"])
+    assert dcp.latest_checkpoint(out / "pt") == out / "pt" / "checkpoints" / "step_000002"
+    assert [r["step"] for r in _rows(out / "pt")] == [1, 2]
+    # same global batch (1 x 4 instead of 2 x 2): DCP reshards the 2-rank shards onto one rank
+    logs = _train(cfg2, [*sets, "train.batch_size=4"], resume=True)
+    assert any("resumed from" in m and "at step 2" in m for m in logs), logs
+    for stage in ("pt", "ift"):
+        _assert_same_losses(_rows(out / stage), _rows(single / stage), rtol=1e-4, atol=1e-6)
+        _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing on the way up may swallow it."""
+
+
+def test_kill_during_sharded_save_keeps_previous(store, cfg2, single, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=1", "train.batch_size=4")
+    real_save = dcp.dcp.save
+    calls = {"n": 0}
+
+    def dying_save(state, checkpoint_id):  # the 3rd save: every shard written, the rename never happens
+        calls["n"] += 1
+        real_save(state, checkpoint_id=checkpoint_id)
+        if calls["n"] == 3:
+            raise _Killed
+
+    monkeypatch.setattr(dcp.dcp, "save", dying_save)
+    with pytest.raises(_Killed):
+        _train(cfg2, sets)
+    monkeypatch.undo()
+    ckdir = out / "pt" / "checkpoints"
+    assert (ckdir / ".step_000003.tmp" / dcp.METADATA).is_file()  # the interrupted save's complete shards ...
+    assert dcp.latest_checkpoint(out / "pt") == ckdir / "step_000002"  # ... are not a checkpoint
+    logs = _train(cfg2, sets, resume=True)
+    assert any("at step 2" in m for m in logs), logs
+    assert not (ckdir / ".step_000003.tmp").exists()  # the next save cleared the leftovers
+    for stage in ("pt", "ift"):
+        _assert_same_losses(_rows(out / stage), _rows(single / stage), rtol=1e-4, atol=1e-6)
+        _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
+
+
+def test_resume_across_formats_is_refused(store, cfg2, single, tmp_path):
+    out = tmp_path / "mixed"
+    sets = _sets(store, out, *COMMON, "train.batch_size=4", "train.save_every=0", "stages.pt.train.stop_after=1")
+    _train(cfg2, sets)  # a DDP-format checkpoint at step 1
+    with pytest.raises(SystemExit, match="train.parallel=ddp"):
+        _train(cfg2, [*sets, "train.parallel=fsdp"], resume=True)
