@@ -24,7 +24,6 @@ GPU. The largest micro-batch that fits is solved from the per-sample part (activ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,14 +143,19 @@ def _bytes(params: list[torch.nn.Parameter], dtype_size: int) -> float:
     return float(sum(p.numel() for p in params) * dtype_size)
 
 
-def activation_bytes(model: Any, cfg: Any, batch: int, elem: int) -> tuple[float, float]:
-    """(activations, logits) saved for backward for one micro-batch of ``batch`` samples at L = max_length.
+def activation_bytes(model: Any, cfg: Any, batch: int, elem: int, grad_ckpt: bool, seq: int | None = None,
+                     supervised: int | None = None) -> tuple[float, float]:
+    """(activations, logits) saved for backward for one micro-batch of ``batch`` samples at L = max_length
+    (or ``seq``); elements are ``elem`` bytes (2 under bf16 autocast, 4 in fp32).
 
-    Per decoder block and token (elements): the block input and the residual (2H), the two RMSNorm inputs/outputs
-    (4H), q/k/v (H + 2 H_kv), the attention output and o_proj input (2H), the MLP's gate/up/act/product (4I):
-    10H + 2H_kv + 4I. With gradient checkpointing only each block's input is kept (H per token), plus one block
-    recomputed in full during backward. The projector adds 3H per image token; each PT predictor saves about
-    (L + Q) x 8 x its width. Elements are ``elem`` bytes (2 under bf16 autocast, 4 in fp32)."""
+    Per decoder block and token, what autograd keeps, MEASURED with saved_tensors_hooks on a transformers
+    LlamaDecoderLayer (sdpa, fp32) at five (H, I, heads, kv) settings and solved for the coefficients:
+    trainable block 7.5 H + 2 H_kv + 4 I; frozen block (PT: only input gradients flow) 3.5 H + 2 H_kv + 3 I.
+    Unless the attention is flash_attention_2, each block also keeps its own copy of the (B, 1, L, L) additive
+    padding mask (measured on the tiny model: one per layer). With gradient checkpointing only each block's
+    input (H per token) is kept, plus one block recomputed in full during backward. The projector keeps ~3 H per
+    image token; each PT predictor about (L + Q) x 8 x its width. tests/test_plan.py checks the total against
+    the saved tensors of the tiny model's real forward."""
     llm = model.llm.config
     h = int(llm.hidden_size)
     inter = int(getattr(llm, "intermediate_size", 4 * h))
@@ -159,10 +163,12 @@ def activation_bytes(model: Any, cfg: Any, batch: int, elem: int) -> tuple[float
     kv = int(getattr(llm, "num_key_value_heads", heads) or heads)
     h_kv = h // heads * kv
     n_layers = model.n_layers
-    seq = int(cfg.data.max_length)
-    per_layer = (10 * h + 2 * h_kv + 4 * inter) * seq
-    gc = cfg.train.grad_checkpointing == "on" or (cfg.train.grad_checkpointing == "auto" and cfg._plan_cuda)
-    llm_tokens = (n_layers * h * seq + per_layer) if gc else n_layers * per_layer
+    seq = int(cfg.data.max_length) if seq is None else int(seq)
+    trainable = any(p.requires_grad for p in model.decoder_layers[0].parameters())
+    per_token = (7.5 * h + 2 * h_kv + 4 * inter) if trainable else (3.5 * h + 2 * h_kv + 3 * inter)
+    mask = 0 if cfg.model.attn_implementation == "flash_attention_2" else seq * seq
+    per_layer = per_token * seq + mask
+    llm_tokens = (n_layers * h * seq + per_layer) if grad_ckpt else n_layers * per_layer
     n_img = int(cfg.model.image_tokens)
     proj = 3 * h * n_img
     pred = 0
@@ -171,18 +177,17 @@ def activation_bytes(model: Any, cfg: Any, batch: int, elem: int) -> tuple[float
         for res in model.predictors[t].values():
             pred += (seq + q) * 8 * res.proj_in.out_features
     acts = float(batch * (llm_tokens + proj + pred) * elem)
-    n_text = max(0, seq - n_img - sum(model.token_counts.values()))
+    n_text = max(0, seq - n_img - sum(model.token_counts.values())) if supervised is None else supervised
     vocab = int(model.llm.get_output_embeddings().weight.shape[0])
     logits = float(batch * n_text * vocab * (elem + 4 + 4))
     return acts, logits
 
 
-def plan_stage(cfg: Any, world: int, *, cuda: bool = True,
-               targets: dict[str, tuple[int, int]] | None = None) -> list[Row]:
+def plan_stage(cfg: Any, world: int, *, cuda: bool = True, targets: dict[str, tuple[int, int]] | None = None,
+               seq: int | None = None) -> list[Row]:
     """DDP and FSDP rows for one stage's config."""
     from olatrain.parallel import frozen_dtype
 
-    cfg._plan_cuda = cuda
     model = meta_model(cfg, targets)
     model.set_stage(cfg.train.stage)
     bf16 = cuda and cfg.train.precision in ("auto", "bf16")
@@ -195,7 +200,8 @@ def plan_stage(cfg: Any, world: int, *, cuda: bool = True,
     tr_b = _bytes(trainable, 4)
     fr_v = _bytes(frozen_vision, frozen_size)
     fr_r = _bytes(frozen_rest, frozen_size)
-    acts, logits = activation_bytes(model, cfg, cfg.train.batch_size, elem)
+    gc = cfg.train.grad_checkpointing == "on" or (cfg.train.grad_checkpointing == "auto" and cuda)
+    acts, logits = activation_bytes(model, cfg, cfg.train.batch_size, elem, gc, seq=seq)
     per_sample = (acts + logits) / cfg.train.batch_size
     stage = cfg.train.stage
     rows = [Row(stage, "ddp", tr_b + fr_v + fr_r, tr_b + (tr_b if world > 1 else 0.0), 2 * tr_b, acts, logits,
@@ -209,10 +215,11 @@ def plan_stage(cfg: Any, world: int, *, cuda: bool = True,
     return rows
 
 
-def plan_run(spec: Any, world: int, *, cuda: bool = True) -> list[Row]:
+def plan_run(spec: Any, world: int, *, cuda: bool = True, seq: int | None = None) -> list[Row]:
     rows: list[Row] = []
     for name in spec.stages:
-        rows += plan_stage(spec.configs[name], world, cuda=cuda, targets=_store_targets(spec.configs[name]))
+        rows += plan_stage(spec.configs[name], world, cuda=cuda, targets=_store_targets(spec.configs[name]),
+                           seq=seq)
     return rows
 
 
@@ -228,12 +235,13 @@ def _store_targets(cfg: Any) -> dict[str, tuple[int, int]] | None:
         return None
 
 
-def format_table(rows: list[Row], gpu_gb: float, world: int) -> str:
+def format_table(rows: list[Row], gpu_gb: float, world: int, seq: int | None = None) -> str:
     gpu = gpu_gb * GiB
     head = (f"{'stage':6} {'parallel':8} {'params':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'logits':>8} "
             f"{'total':>8}  {'verdict':12} max micro-batch")
-    lines = [f"memory per GPU (GiB) on {world} x {gpu_gb:g} GB; {CONTEXT_BYTES / GiB:g} GiB context included, "
-             f"{USABLE:.0%} usable", head]
+    where = f"sequence {seq} tokens" if seq else "sequence = data.max_length (worst case)"
+    lines = [f"memory per GPU (GiB) on {world} x {gpu_gb:g} GB, {where}; {CONTEXT_BYTES / GiB:g} GiB context "
+             f"included, {USABLE:.0%} usable", head]
     for r in rows:
         fits = r.total <= gpu * USABLE
         mb = r.max_batch(gpu)
@@ -242,7 +250,3 @@ def format_table(rows: list[Row], gpu_gb: float, world: int) -> str:
                                                       (r.params, r.grads, r.optim, r.activations, r.logits, r.total))
             + f"  {'fits' if fits else 'DOES NOT FIT':12} {mb} (configured {r.batch})")
     return "\n".join(lines)
-
-
-def _round_gib(x: float) -> float:
-    return math.ceil(x / GiB * 10) / 10
