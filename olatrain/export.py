@@ -117,6 +117,35 @@ def export_chat_template(cfg: Any, tokenizer: Any, task_tokens: list[str]) -> st
     return normalizing_prefix(task_tokens) + named_template_jinja(t, tokenizer, _bos_id(t, tokenizer) is not None)
 
 
+PROBE = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is this?  <image>"},
+         {"from": "gpt", "value": "A cat."}, {"from": "human", "value": "And the colour?"}]
+
+
+def check_template(tokenizer: Any, template: str, chat_template: str, task_tokens: list[str]) -> None:
+    """The exported Jinja must give olatrain's token ids (with ``<image>`` + task tokens where olatrain has its
+    single IMAGE_TOKEN_INDEX) for a probe conversation: system turn, image in the first question (not at its
+    front), an answer, a follow-up, generation prompt; and the same without the image."""
+    from olatrain.data.templates import IMAGE_TOKEN_INDEX, tokenize_conversation
+
+    block = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, *task_tokens])
+    role = {"system": "system", "human": "user", "gpt": "assistant"}
+    for has_image in (True, False):
+        conv = [dict(c) for c in PROBE]
+        if not has_image:
+            conv[1]["value"] = conv[1]["value"].replace(IMAGE_TOKEN, "")
+        want, _ = tokenize_conversation(conv, tokenizer, template, has_image=has_image, add_generation_prompt=True)
+        msgs = [{"role": role[c["from"]], "content": c["value"]} for c in conv]
+        text = tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True)
+        got = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if has_image and IMAGE_TOKEN_INDEX in want:
+            i = want.index(IMAGE_TOKEN_INDEX)
+            want = want[:i] + block + want[i + 1:]
+        if got != want:
+            raise ExportError(f"the exported chat template does not reproduce olatrain's {template!r} tokens "
+                              f"(image={has_image}); please report this with the template name")
+
+
 # ----------------------------------------------------------------------------------------------- checks
 def check_exportable(model: Any, cfg: Any) -> tuple[str, int]:
     """-> (vision_feature_select_strategy, num_additional_image_tokens), or ExportError with the reason."""
@@ -272,6 +301,8 @@ def export(checkpoint: Path, out: Path, dtype: str = "fp32") -> ExportSummary:
         vision_feature_select_strategy=strategy, num_additional_image_tokens=n_extra,
         chat_template=export_chat_template(cfg, tok, names), image_token=IMAGE_TOKEN,
     )
+    # against the tokenizer's OWN template for `auto` (checked before the export's replaces it)
+    check_template(tok, cfg.model.chat_template, processor.chat_template, names)
     tok.chat_template = processor.chat_template
     processor.save_pretrained(out)
     (out / "olakit_export.json").write_text(json.dumps({

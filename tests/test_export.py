@@ -197,3 +197,21 @@ def test_refusals_are_one_clear_line(ift_final, exported, tmp_path):
     assert res.exit_code != 0 and "notanolatraincheckpoint" in flat
     with pytest.raises(ExportError, match="--dtype"):
         export(ift_final, tmp_path / "z", dtype="int4")
+
+
+@pytest.mark.parametrize("template", ["llama3", "vicuna", "auto"])
+def test_exported_chat_template_reproduces_olatrains_tokens(template):
+    """System turn, image placeholder not at the front, an answer, a follow-up, generation prompt: the exported
+    Jinja gives olatrain's ids (check_template runs inside every export too)."""
+    from transformers import AddedToken
+
+    from olatrain.config import load_run
+    from olatrain.export import IMAGE_TOKEN, check_template, export_chat_template
+    from olatrain.presets import load_tokenizer
+
+    cfg = load_run(ROOT / "configs" / "tiny.yaml", [f"model.chat_template={template}"]).configs["ift"]
+    tok = load_tokenizer(cfg)
+    names = [f"<ola_x_{i}>" for i in range(3)]
+    tok.add_tokens([AddedToken(n, special=True, normalized=False) for n in [IMAGE_TOKEN, *names]],
+                   special_tokens=True)
+    check_template(tok, template, export_chat_template(cfg, tok, names), names)
