@@ -95,6 +95,8 @@ def save_periodic(stage_dir: Path, keep: int = 2, **kw: Any) -> Path:
         done = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
         for p in done[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
+        for p in [*ckdir.glob(".step_*.tmp"), *ckdir.glob(".step_*.old")]:  # leftovers of a killed save
+            shutil.rmtree(p, ignore_errors=True)
     _barrier()
     return path
 
