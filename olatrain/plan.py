@@ -196,10 +196,15 @@ def plan_stage(cfg: Any, world: int, *, cuda: bool = True, targets: dict[str, tu
     named = dict(model.named_parameters())
     trainable = [p for p in named.values() if p.requires_grad]
     frozen_vision = [p for n, p in named.items() if n.startswith("vision.")]
-    frozen_rest = [p for n, p in named.items() if not p.requires_grad and not n.startswith("vision.")]
+    # cast_frozen's rule: the vision tower, and the LLM when all of it is frozen (PT); other frozen tensors (the
+    # task tokens after PT) stay fp32
+    llm_frozen = not any(p.requires_grad for n, p in named.items() if n.startswith("llm."))
+    low = [p for n, p in named.items() if not p.requires_grad and n.startswith("llm.") and llm_frozen]
+    rest = [p for n, p in named.items() if not p.requires_grad and not n.startswith("vision.")
+            and not (n.startswith("llm.") and llm_frozen)]
     tr_b = _bytes(trainable, 4)
     fr_v = _bytes(frozen_vision, frozen_size)
-    fr_r = _bytes(frozen_rest, frozen_size)
+    fr_r = _bytes(low, frozen_size) + _bytes(rest, 4)
     gc = cfg.train.grad_checkpointing == "on" or (cfg.train.grad_checkpointing == "auto" and cuda)
     acts, logits = activation_bytes(model, cfg, cfg.train.batch_size, elem, gc, seq=seq)
     per_sample = (acts + logits) / cfg.train.batch_size

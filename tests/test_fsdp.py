@@ -1,7 +1,8 @@
 """train.parallel=fsdp (FSDP2 + DCP) on CPU with gloo, through the real entry points (torchrun, `olatrain run`):
 
 - 2 ranks x batch 2 == 1 process x batch 4 (the same global batch), PT then IFT, losses and final weights;
-- a sharded checkpoint saved by 2 ranks resumes in 1 process (N -> M) and the result equals the straight run;
+- a sharded checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on 2 ranks
+  (N -> M, both ways), and the result equals the straight run;
 - a kill inside a sharded save (shards written, not yet renamed into place) leaves the previous checkpoint
   as the one resumed, and the resumed run still equals the straight run;
 - FSDP's final/ is the same consolidated safetensors format a DDP stage writes (IFT initialises from it; the
@@ -82,8 +83,9 @@ def _torchrun(config: Path, sets: list[str], nproc: int = 2, resume: bool = Fals
 def test_fsdp_two_ranks_match_single_process_pt_and_ift(store, cfg2, single, tmp_path):
     out = tmp_path / "fsdp"
     # save_every=2: a sharded periodic checkpoint is written mid-stage too (and must not disturb the run)
+    # gradient checkpointing on (the reference runs without): FSDP units and recomputation together
     log = _torchrun(cfg2, _sets(store, out, *COMMON, "train.batch_size=2", "train.parallel=fsdp",
-                                "train.save_every=2"))
+                                "train.save_every=2", "train.grad_checkpointing=on"))
     assert "[pt] FSDP:" in log and "sharded over 2 rank(s)" in log  # really sharded, not a silent fallback
     for stage, n in (("pt", PT_STEPS), ("ift", IFT_STEPS)):
         a, b = _rows(single / stage), _rows(out / stage)
@@ -109,6 +111,53 @@ def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(store, cfg2, sin
     for stage in ("pt", "ift"):
         _assert_same_losses(_rows(out / stage), _rows(single / stage), rtol=1e-4, atol=1e-6)
         _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
+
+
+def test_sharded_checkpoint_of_one_process_resumes_on_two_ranks(store, cfg2, single, tmp_path):
+    out = tmp_path / "grow"
+    sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=0")
+    _train(cfg2, [*sets, "train.batch_size=4", "stages.pt.train.stop_after=2"])
+    assert dcp.latest_checkpoint(out / "pt") == out / "pt" / "checkpoints" / "step_000002"
+    _torchrun(cfg2, [*sets, "train.batch_size=2"], resume=True)  # 1 -> 2 ranks, same global batch
+    for stage in ("pt", "ift"):
+        _assert_same_losses(_rows(out / stage), _rows(single / stage), rtol=1e-4, atol=1e-6)
+        _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
+
+
+def test_frozen_weights_are_stored_in_bf16_for_cuda_bf16_runs(cfg2):
+    """train.precision bf16 on CUDA: frozen vision tower (every stage) and frozen LLM (PT) stored in bf16,
+    trainable parameters fp32. cast_frozen only looks at the device TYPE, so this runs on CPU; a bf16-autocast
+    step then trains the fp32 parameters through the bf16 frozen ones."""
+    from olatrain.config import load_run
+    from olatrain.model import build_model
+    from olatrain.parallel import cast_frozen
+    from olatrain.plan import plan_stage
+    from olatrain.presets import load_tokenizer
+
+    spec = load_run(cfg2, [*GEN_ONLY, "train.precision=bf16"])
+    for stage in ("pt", "ift"):
+        cfg = spec.configs[stage]
+        cfg.model.task_tokens = {"gen": 8, "depth": 8, "seg": 8}
+        model = build_model(cfg, {}, tokenizer=load_tokenizer(cfg)) if stage == "ift" else None
+        if model is None:
+            from olatrain.model import TargetSpec
+
+            model = build_model(cfg, {"gen": TargetSpec((1, 24), "global")}, tokenizer=load_tokenizer(cfg))
+        model.set_stage(stage)
+        cast_frozen(model, cfg, torch.device("cuda"))
+        named = dict(model.named_parameters())
+        assert all(p.dtype == torch.bfloat16 for n, p in named.items() if n.startswith("vision."))
+        llm = {p.dtype for n, p in named.items() if n.startswith("llm.")}
+        assert llm == ({torch.bfloat16} if stage == "pt" else {torch.float32})
+        assert all(p.dtype == torch.float32 for p in named.values() if p.requires_grad)
+        # the planner counts the same bytes for a CUDA bf16 run
+        rows = plan_stage(cfg, 1, cuda=True, targets={"gen": (1, 24)} if stage == "pt" else None)
+        assert rows[0].params == sum(p.numel() * p.element_size() for p in named.values())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        asm = model.assemble(ids, torch.ones_like(ids), torch.zeros(1, 3, 336, 336), torch.tensor([False]))
+        model.llm(inputs_embeds=asm.inputs_embeds).logits.float().sum().backward()
+    assert model.projector[0].weight.grad is not None and model.projector[0].weight.grad.dtype == torch.float32
 
 
 class _Killed(BaseException):
