@@ -129,20 +129,18 @@ def test_frozen_weights_are_stored_in_bf16_for_cuda_bf16_runs(cfg2):
     trainable parameters fp32. cast_frozen only looks at the device TYPE, so this runs on CPU; a bf16-autocast
     step then trains the fp32 parameters through the bf16 frozen ones."""
     from olatrain.config import load_run
-    from olatrain.model import build_model
+    from olatrain.data.templates import IMAGE_TOKEN_INDEX
+    from olatrain.model import TargetSpec, build_model
     from olatrain.parallel import cast_frozen
     from olatrain.plan import plan_stage
     from olatrain.presets import load_tokenizer
 
     spec = load_run(cfg2, [*GEN_ONLY, "train.precision=bf16"])
+    models = {}
     for stage in ("pt", "ift"):
         cfg = spec.configs[stage]
-        cfg.model.task_tokens = {"gen": 8, "depth": 8, "seg": 8}
-        model = build_model(cfg, {}, tokenizer=load_tokenizer(cfg)) if stage == "ift" else None
-        if model is None:
-            from olatrain.model import TargetSpec
-
-            model = build_model(cfg, {"gen": TargetSpec((1, 24), "global")}, tokenizer=load_tokenizer(cfg))
+        targets = {"gen": TargetSpec((1, 24), "global")} if stage == "pt" else {}
+        model = build_model(cfg, targets, tokenizer=load_tokenizer(cfg))
         model.set_stage(stage)
         cast_frozen(model, cfg, torch.device("cuda"))
         named = dict(model.named_parameters())
@@ -153,9 +151,11 @@ def test_frozen_weights_are_stored_in_bf16_for_cuda_bf16_runs(cfg2):
         # the planner counts the same bytes for a CUDA bf16 run
         rows = plan_stage(cfg, 1, cuda=True, targets={"gen": (1, 24)} if stage == "pt" else None)
         assert rows[0].params == sum(p.numel() * p.element_size() for p in named.values())
-    ids = torch.tensor([[1, 2, 3, 4]])
+        models[stage] = model
+    model = models["pt"]  # bf16 frozen LLM and vision, fp32 projector: the gradient must reach the projector
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 2, 3]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        asm = model.assemble(ids, torch.ones_like(ids), torch.zeros(1, 3, 336, 336), torch.tensor([False]))
+        asm = model.assemble(ids, torch.ones_like(ids), torch.zeros(1, 3, 336, 336), torch.tensor([True]))
         model.llm(inputs_embeds=asm.inputs_embeds).logits.float().sum().backward()
     assert model.projector[0].weight.grad is not None and model.projector[0].weight.grad.dtype == torch.float32
 
