@@ -3,8 +3,8 @@
 - 2 ranks x batch 2 == 1 process x batch 4 (the same global batch), PT then IFT, losses and final weights;
 - a sharded checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on 2 ranks
   (N -> M, both ways), and the result equals the straight run;
-- a kill inside a sharded save (shards written, not yet renamed into place) leaves the previous checkpoint
-  as the one resumed, and the resumed run still equals the straight run;
+- SIGKILL of both ranks inside a sharded save (shards and metadata written, not yet renamed into place) leaves
+  the previous checkpoint as the one resumed, and the resumed run still equals the straight run;
 - FSDP's final/ is the same consolidated safetensors format a DDP stage writes (IFT initialises from it; the
   equality of the IFT losses shows it loaded).
 
@@ -13,6 +13,7 @@ PT runs on a gen-only store (one cheap teacher); the reference is a plain single
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def _torchrun(config: Path, sets: list[str], nproc: int = 2, resume: bool = Fals
     return res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_match_single_process_pt_and_ift(store, cfg2, single, tmp_path):
     out = tmp_path / "fsdp"
     # save_every=2: a sharded periodic checkpoint is written mid-stage too (and must not disturb the run)
@@ -99,6 +101,7 @@ def test_fsdp_two_ranks_match_single_process_pt_and_ift(store, cfg2, single, tmp
     assert (out / "pt" / "final" / ckpt.WEIGHTS).is_file() and ckpt.is_done(out / "ift" / "final")
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(store, cfg2, single, tmp_path):
     out = tmp_path / "split"
     sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=0")
@@ -113,6 +116,7 @@ def test_sharded_checkpoint_of_two_ranks_resumes_in_one_process(store, cfg2, sin
         _assert_same_weights(out / stage / "final", single / stage / "final", rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_of_one_process_resumes_on_two_ranks(store, cfg2, single, tmp_path):
     out = tmp_path / "grow"
     sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=0")
@@ -160,31 +164,40 @@ def test_frozen_weights_are_stored_in_bf16_for_cuda_bf16_runs(cfg2):
     assert model.projector[0].weight.grad is not None and model.projector[0].weight.grad.dtype == torch.float32
 
 
-class _Killed(BaseException):
-    """Stands in for SIGKILL: not an Exception, so nothing on the way up may swallow it."""
+# loaded by every rank of the torchrun below (via PYTHONPATH): each rank SIGKILLs itself right after its 3rd
+# sharded save returns, i.e. with all shards and DCP's metadata written but before rank 0 renames the directory
+# into place or moves LATEST: the worst moment to die
+DIE_AFTER_THIRD_SAVE = """
+import os, signal
+import torch.distributed.checkpoint as dcp
+_real, _n = dcp.save, [0]
+def _save(*a, **k):
+    out = _real(*a, **k)
+    _n[0] += 1
+    if _n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+dcp.save = _save
+"""
 
 
-def test_kill_during_sharded_save_keeps_previous(store, cfg2, single, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sigkill_during_sharded_save_on_two_ranks_keeps_previous(store, cfg2, single, tmp_path):
     out = tmp_path / "killed"
-    sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=1", "train.batch_size=4")
-    real_save = dcp.dcp.save
-    calls = {"n": 0}
-
-    def dying_save(state, checkpoint_id):  # the 3rd save: every shard written, the rename never happens
-        calls["n"] += 1
-        real_save(state, checkpoint_id=checkpoint_id)
-        if calls["n"] == 3:
-            raise _Killed
-
-    monkeypatch.setattr(dcp.dcp, "save", dying_save)
-    with pytest.raises(_Killed):
-        _train(cfg2, sets)
-    monkeypatch.undo()
+    sets = _sets(store, out, *COMMON, "train.parallel=fsdp", "train.save_every=1", "train.batch_size=2")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_AFTER_THIRD_SAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "olatrain", "run", str(cfg2), *[x for s in sets for x in ("--set", s)]]
+    env = {**_env(), "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0  # killed
     ckdir = out / "pt" / "checkpoints"
     assert (ckdir / ".step_000003.tmp" / dcp.METADATA).is_file()  # the interrupted save's complete shards ...
+    assert not (ckdir / "step_000003").exists()
     assert dcp.latest_checkpoint(out / "pt") == ckdir / "step_000002"  # ... are not a checkpoint
-    logs = _train(cfg2, sets, resume=True)
-    assert any("at step 2" in m for m in logs), logs
+    _torchrun(cfg2, sets, resume=True)
     assert not (ckdir / ".step_000003.tmp").exists()  # the next save cleared the leftovers
     for stage in ("pt", "ift"):
         _assert_same_losses(_rows(out / stage), _rows(single / stage), rtol=1e-4, atol=1e-6)
