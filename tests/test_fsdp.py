@@ -210,3 +210,12 @@ def test_resume_across_formats_is_refused(store, cfg2, single, tmp_path):
     _train(cfg2, sets)  # a DDP-format checkpoint at step 1
     with pytest.raises(SystemExit, match="train.parallel=ddp"):
         _train(cfg2, [*sets, "train.parallel=fsdp"], resume=True)
+
+
+def test_parallel_setting_is_validated(cfg2):
+    from olatrain.config import ConfigError, load_run
+
+    assert load_run(cfg2, ["train.parallel=fsdp"]).configs["ift"].train.parallel == "fsdp"
+    assert load_run(cfg2).configs["pt"].train.parallel == "ddp"  # the default keeps today's behaviour
+    with pytest.raises(ConfigError, match="train.parallel must be 'ddp' or 'fsdp'"):
+        load_run(cfg2, ["train.parallel=zero3"])
