@@ -271,3 +271,43 @@ def generate_cmd(
     except GenerateError as e:
         _fail(str(e))
     out.print(text)
+
+
+# ---------------------------------------------------------------------------- olatrain: scale and export (#9)
+@olatrain_app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A stage's final/ directory (e.g. runs/tiny/ift/final).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Empty or new directory for the Hugging Face LLaVA model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype: bf16, fp16 or fp32.")] = "fp32",
+) -> None:
+    """Write a transformers LlavaForConditionalGeneration directory (model, processor, chat template)."""
+    from olatrain.export import ExportError, export
+
+    try:
+        s = export(checkpoint, out_dir, dtype=dtype)
+    except ExportError as e:
+        _fail(str(e))
+    out.print(f"exported {checkpoint} -> {s.out} ({s.dtype}, vocab {s.vocab_size}, image token {s.image_token_id}, "
+              f"{len(s.task_tokens)} task tokens, image_aspect {s.image_aspect})")
+
+
+@olatrain_app.command("plan")
+def plan_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML run config (e.g. configs/llama3-clip336.yaml).")],
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs (ranks) the run will use.")] = 8,
+    gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="Memory of one GPU in GB (GiB).")] = 80.0,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Plan for this sequence length instead of data.max_length (the worst case).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (as in `olatrain run`).")] = None,
+) -> None:
+    """GPU memory per rank for every stage under DDP and FSDP, from the model classes on the meta device."""
+    from olatrain.config import ConfigError, load_run
+    from olatrain.plan import PlanError, format_table, plan_run
+
+    if gpus < 1 or gpu_mem <= 0:
+        _fail("--gpus must be >= 1 and --gpu-mem > 0")
+    try:
+        spec = load_run(config, set_)
+        rows = plan_run(spec, gpus, cuda=True, seq=seq_len)
+    except (ConfigError, PlanError, ValueError) as e:
+        _fail(str(e))
+    out.print(format_table(rows, gpu_mem, gpus, seq_len), markup=False, highlight=False)

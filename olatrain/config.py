@@ -141,6 +141,9 @@ class TrainConfig:
     # a step whose loss or gradient norm is not finite is not applied (counted, its samples listed in
     # <stage>/skipped.jsonl); this many in a row stop the run with an error
     max_bad_steps: int = 3
+    # "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: parameters, gradients and AdamW state sharded
+    # per decoder layer; sharded DCP checkpoints, final/ consolidated). See olatrain/parallel.py.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -224,6 +227,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.bad_images must be 'skip' or 'error', got {d.bad_images!r}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or none for torch's default), got {t.cpu_threads}")
     if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:

@@ -38,7 +38,7 @@ import torch
 
 from olacache.common.runtime import Runtime, init_runtime
 from olatrain import checkpoint as ckpt
-from olatrain import guards
+from olatrain import guards, parallel
 from olatrain.config import Config, RunSpec, config_from_dict
 from olatrain.guards import RunError
 from olatrain.metrics import MetricsLog, TrainDisplay
@@ -142,6 +142,7 @@ class Stage:
     excluded: dict[str, int] | None = None  # samples left out before step 1, by reason
     n_samples: int = 0
     skip_lines: int = 0  # skip records logged so far (the rest only go to skipped.jsonl)
+    sharded: bool = False  # train.parallel=fsdp: collective, sharded checkpoints (olatrain.dcp)
 
 
 def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resume: bool,
@@ -162,26 +163,36 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     # -- resume point (decided before anything expensive; rank 0 verifies, every rank takes its choice)
+    sharded = parallel.is_sharded(cfg)
+    if sharded:
+        from olatrain import dcp
     start_step, resume_from = 0, None
     if resume:
-        verdict: tuple[str | None, str | None] = (None, None)  # (checkpoint to resume from, refusal)
-        if rt.main:
-            found, damaged = ckpt.find_resumable(stage_dir)
-            for path, why in damaged:
-                log(f"[{stage}] checkpoint {path} is damaged or incomplete ({why}); "
-                    + ("trying an older one" if path != damaged[-1][0] or found is not None else "none is left"))
-            if found is not None:
-                verdict = (str(found), None)
-            elif damaged:
-                verdict = (None, f"no intact checkpoint in {stage_dir / 'checkpoints'} (the newest: "
-                                 f"{damaged[0][1]}); remove {stage_dir} to train the stage from its start")
-        found_s, refusal = rt.broadcast_object(verdict)
-        if refusal is not None:
-            raise RunError(f"[{stage}] cannot resume: {refusal}")
-        if found_s is not None:
-            resume_from = Path(found_s)
+        if sharded:
+            resume_from = dcp.latest_checkpoint(stage_dir)
+        else:
+            verdict: tuple[str | None, str | None] = (None, None)  # (checkpoint to resume from, refusal)
+            if rt.main:
+                found, damaged = ckpt.find_resumable(stage_dir)
+                for path, why in damaged:
+                    log(f"[{stage}] checkpoint {path} is damaged or incomplete ({why}); "
+                        + ("trying an older one" if path != damaged[-1][0] or found is not None else "none is left"))
+                if found is not None:
+                    verdict = (str(found), None)
+                elif damaged:
+                    verdict = (None, f"no intact checkpoint in {stage_dir / 'checkpoints'} (the newest: "
+                                     f"{damaged[0][1]}); remove {stage_dir} to train the stage from its start")
+            found_s, refusal = rt.broadcast_object(verdict)
+            if refusal is not None:
+                raise RunError(f"[{stage}] cannot resume: {refusal}")
+            resume_from = Path(found_s) if found_s is not None else None
+        other = ckpt.latest_checkpoint(stage_dir) if sharded else _latest_sharded(stage_dir)
+        if resume_from is None and other is not None:
+            raise SystemExit(f"{other} was saved with train.parallel={'ddp' if sharded else 'fsdp'}: resume the "
+                             "stage with that setting (a finished stage's final/ works with either)")
+        if resume_from is not None:
             start_step = int(ckpt.load_state(resume_from)["step"])
-    elif ckpt.latest_checkpoint(stage_dir) is not None:
+    elif ckpt.latest_checkpoint(stage_dir) is not None or _latest_sharded(stage_dir) is not None:
         raise SystemExit(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another output_dir")
     if init_from is not None and resume_from is None:
@@ -231,6 +242,11 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     gc_mode = cfg.train.grad_checkpointing
     if gc_mode == "on" or (gc_mode == "auto" and rt.device.type == "cuda"):
         model.enable_gradient_checkpointing()
+    parallel.cast_frozen(model, cfg, rt.device)  # frozen weights in bf16 on CUDA (a no-op on CPU)
+    if sharded:  # before the optimizer: FSDP turns the parameters into sharded DTensors
+        parallel.shard(model, cfg, rt)
+        if rt.main:
+            log(f"[{stage}] FSDP: {parallel.describe(model)}")
     params = [p for p in model.parameters() if p.requires_grad]
     # one group, as the reference (same lr for projector, predictors, tokens and temperatures in PT)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
@@ -240,17 +256,16 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     # base seed from the global RNG, which would otherwise shift a resumed run's RNG stream by one draw
     batches: Iterator[dict[str, Any]] = iter(loader)
     try:
-        if resume_from is not None:
+        if resume_from is not None and sharded:
+            dcp.load_sharded(resume_from, model=model, optimizer=opt, scheduler=sched)
+        elif resume_from is not None:
             model.load_trainable_state_dict(ckpt.load_weights(resume_from), strict=False)
             ckpt.load_training_state(resume_from, opt, sched)
-            if rt.main:
-                log(f"[{stage}] resumed from {resume_from} at step {start_step}")
+        if resume_from is not None and rt.main:
+            log(f"[{stage}] resumed from {resume_from} at step {start_step}")
     except ckpt.CheckpointError as e:
         raise RunError(f"[{stage}] {e}") from None
-    ddp = model
-    if rt.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    ddp = model if sharded else parallel.wrap_ddp(model, rt)
 
     metrics = None
     if rt.main:
@@ -263,7 +278,13 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     skip_log = guards.open_skip_log(stage_dir, start_step, rt)
     return Stage(cfg, rt, amp, stage_dir, model, ddp, params, opt, sched, batches, online, start_step,
                  resume_from is not None, metrics, log=log, skip_log=skip_log, excluded=excluded,
-                 n_samples=dataset.n_samples)
+                 n_samples=dataset.n_samples, sharded=sharded)
+
+
+def _latest_sharded(stage_dir: Path) -> Path | None:
+    from olatrain import dcp
+
+    return dcp.latest_checkpoint(stage_dir)
 
 
 def _prescan(dataset: Any, cfg: Config, rt: Runtime) -> str | None:
@@ -345,7 +366,7 @@ def train_loop(st: Stage, *, progress: bool) -> tuple[int, int]:
                 if st.metrics is not None:
                     st.metrics.write(row)
                 display.update(step, row)
-            if rt.main and tc.save_every > 0 and step % tc.save_every == 0 and step < tc.max_steps:
+            if (rt.main or st.sharded) and tc.save_every > 0 and step % tc.save_every == 0 and step < tc.max_steps:
                 _save_periodic(st, step)
                 saved_at = step
             rt.barrier()
@@ -367,6 +388,12 @@ def _next_batch(st: Stage, step: int) -> dict[str, Any]:
 
 
 def _save_periodic(st: Stage, step: int) -> None:
+    if st.sharded:  # collective: every rank writes its shards
+        from olatrain import dcp
+
+        dcp.save_periodic(st.dir, model=st.model, optimizer=st.opt, scheduler=st.sched, step=step,
+                          stage=st.cfg.train.stage, config=st.cfg.to_dict())
+        return
     ckpt.save_periodic(st.dir, weights=st.model.trainable_state_dict(), optimizer=st.opt, scheduler=st.sched,
                        step=step, stage=st.cfg.train.stage, config=st.cfg.to_dict())
 
@@ -378,10 +405,21 @@ def finish_stage(st: Stage, step: int, saved_at: int, log: Callable[[str], None]
     if st.metrics is not None:
         st.metrics.close()
     st.rt.barrier()  # every rank's skip records are written
+    weights: dict[str, torch.Tensor] = {}
+    if st.sharded:  # collective parts first: final/ gathers the full tensors; a stop saves shards
+        from olatrain import dcp
+
+        if step >= st.cfg.train.max_steps:
+            weights = dcp.consolidated_weights(st.model, stage)
+        elif saved_at != step:
+            _save_periodic(st, step)
+            saved_at = step
     if st.rt.main:
         summary = guards.write_summary(st, step, log)
         if step >= st.cfg.train.max_steps:
-            ckpt.save_checkpoint(final, weights=st.model.trainable_state_dict(), optimizer=None, scheduler=None,
+            if not st.sharded:
+                weights = st.model.trainable_state_dict()
+            ckpt.save_checkpoint(final, weights=weights, optimizer=None, scheduler=None,
                                  step=step, stage=stage, config=st.cfg.to_dict(), extra={"data": summary})
             ckpt.mark_done(final)
             log(f"[{stage}] done: {final}")
