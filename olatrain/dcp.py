@@ -126,7 +126,7 @@ def load_sharded(directory: Path, *, model: Any, optimizer: Any, scheduler: Any)
     dcp.load(state, checkpoint_id=str(directory))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    blob = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=False)
+    blob = ckpt.safe_torch_load(directory / TRAIN_STATE)  # weights_only=True, one-line refusal
     if scheduler is not None and blob.get("scheduler") is not None:
         scheduler.load_state_dict(blob["scheduler"])
     ckpt.set_rng_state(blob["rng"])
