@@ -29,6 +29,11 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+try:  # typer >= 0.2x vendors click as typer._click; earlier versions use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
 # our own rich progress replaces transformers' per-load "Loading weights" bars (set before it is imported)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -47,8 +52,6 @@ class _Group(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
-        from typer._click.exceptions import ClickException
-
         try:
             rc = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
@@ -57,7 +60,7 @@ class _Group(TyperGroup):
                 raise
             ctx = getattr(e, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            console.print(f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}")
+            _error_line(f"{e.format_message()}{where}")
             sys.exit(EXIT_USAGE)
         if standalone_mode:
             sys.exit(rc if isinstance(rc, int) else 0)
@@ -83,8 +86,13 @@ olatrain_app = typer.Typer(
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(msg)}")
+    _error_line(msg)
     raise typer.Exit(code)
+
+
+def _error_line(msg: str) -> None:
+    """``error: msg`` on stderr as ONE line (soft_wrap: rich would otherwise wrap it at the console width)."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
 
 
 def _log(msg: str) -> None:
@@ -184,12 +192,10 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from typer._click.exceptions import ClickException, Exit
-
         _on_interrupt.clear()
         try:
             return fn(*args, **kwargs)
-        except (Exit, ClickException, typer.Exit):
+        except (ClickException, typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
             if _debug():
@@ -201,7 +207,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 except Exception as e:  # noqa: BLE001 - the note is best effort; the exit code is what matters
                     note = f"(could not inspect what was kept: {type(e).__name__}: {e})"
             if _is_rank0():
-                console.print(f"[bold yellow]interrupted[/]{': ' if note else ''}{escape(note)}")
+                console.print(f"[bold yellow]interrupted[/]{': ' if note else ''}{escape(note)}", soft_wrap=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -209,13 +215,13 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _debug():
                 raise
             code, msg = _classify(e)
-            console.print(f"[bold red]error:[/] {escape(msg)}")
+            _error_line(msg)
             raise typer.Exit(code) from None
         except Exception as e:
             if _debug():
                 raise
             code, msg = _classify(e)
-            console.print(f"[bold red]error:[/] {escape(msg)}")
+            _error_line(msg)
             raise typer.Exit(code) from None
 
     return wrapper
@@ -232,32 +238,30 @@ def _resume_command(tool: str, add: str | None = None) -> str:
     return f"the same `{tool}` command" + (f" with {add}" if add else "")
 
 
-def _version(tool: str) -> Callable[[bool], None]:
-    def cb(value: bool) -> None:
-        if value:
-            from olacache import __version__
+def _print_version(value: bool) -> None:
+    if value:
+        from olacache import __version__
 
-            print(f"{tool} {__version__}")
-            raise typer.Exit()
-
-    return cb
-
-
-def _app_options(tool: str) -> Callable[..., None]:
-    def main(
-        version: Annotated[bool, typer.Option("--version", callback=_version(tool), is_eager=True, metavar="",
-                                              help="Print the version and exit.")] = False,
-        debug: Annotated[bool, typer.Option("--debug", metavar="",
-                                            help="Show tracebacks instead of one-line errors (or OLAKIT_DEBUG=1).")] = False,
-    ) -> None:
-        if debug:
-            os.environ["OLAKIT_DEBUG"] = "1"
-
-    return main
+        tool = os.path.basename(sys.argv[0]) if sys.argv else ""
+        tool = tool if tool in ("olacache", "olatrain") else "olakit"
+        print(f"{tool} {__version__}")
+        raise typer.Exit()
 
 
-olacache_app.callback()(_app_options("olacache"))
-olatrain_app.callback()(_app_options("olatrain"))
+def _set_debug(value: bool) -> None:
+    if value:
+        os.environ["OLAKIT_DEBUG"] = "1"
+
+
+@olacache_app.callback()
+@olatrain_app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, metavar="",
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", callback=_set_debug, metavar="",
+                                        help="Show tracebacks instead of one-line errors (or OLAKIT_DEBUG=1).")] = False,
+) -> None:
+    pass
 
 
 # ============================================================================================ olacache
@@ -478,6 +482,7 @@ def run_cmd(
     from olatrain.train import run
 
     spec = load_run(config, set_)
+    _check_run_paths(spec)
     _on_interrupt.append(lambda: _run_kept(spec))
     final = run(spec, resume=resume, log=_log)
     if _is_rank0():
@@ -501,6 +506,27 @@ def generate_cmd(
                     note=lambda m: console.print(f"note: {m}", markup=False, highlight=False))
     # plain print: the answer exactly as decoded (no rich markup or wrapping), alone on stdout
     print(text)
+
+
+def _check_run_paths(spec: Any) -> None:  # noqa: ANN401 - RunSpec
+    """The data paths of every stage, checked before any model loads (a typo otherwise surfaces minutes
+    later, inside a DataLoader worker)."""
+    from olatrain.config import ConfigError
+
+    for name in spec.stages:
+        d = spec.configs[name].data
+        where = f"data.{{}} of stage {name!r}"
+        if not Path(d.annotations).exists():
+            raise ConfigError(f"{where.format('annotations')}: {d.annotations} does not exist; set it in the "
+                              "config or with --set data.annotations=FILE")
+        if not Path(d.image_root).is_dir():
+            raise ConfigError(f"{where.format('image_root')}: {d.image_root} is not a directory; set it to the "
+                              "directory the annotation image paths are relative to")
+        cfg = spec.configs[name]
+        if cfg.teachers and cfg.train.targets == "cached" and d.store and "://" not in d.store \
+                and not Path(d.store).exists():
+            raise ConfigError(f"{where.format('store')}: {d.store} does not exist; build it with "
+                              "`olacache build` or set --set data.store=STORE")
 
 
 def _run_kept(spec: Any) -> str:  # noqa: ANN401 - RunSpec

@@ -23,6 +23,7 @@ fixing files or the root. The moving parts live in ``shards.py``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ def resolve_config_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("annotations", "image_root", "out"):
         v = out.get(key)
         if isinstance(v, str) and v and "://" not in v and not Path(v).expanduser().is_absolute():
-            out[key] = str(base / v)
+            out[key] = os.path.normpath(base / v)
     ovs = out.get("teacher_overrides")
     if isinstance(ovs, dict):
         out["teacher_overrides"] = {k: dict(v) if isinstance(v, dict) else v for k, v in ovs.items()}
@@ -108,7 +109,7 @@ def resolve_config_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             # a hub id ("org/name") looks like a relative path too: only explicit or existing local paths move
             if isinstance(src, str) and not Path(src).is_absolute() and (
                     src.startswith(("./", "../")) or (base / src).is_dir()):
-                ov["source"] = str(base / src)
+                ov["source"] = os.path.normpath(base / src)
     return out
 
 
@@ -282,7 +283,7 @@ def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
             f"{len(missing)} of {len(probe)} images checked are missing under the image root "
             f"{Path(cfg.image_root).resolve()} (first path tried: {next(iter(missing.values()))}); is the "
             "image root right? Nothing was written. Pass the directory the annotation paths are relative to "
-            "(or raise max_missing_fraction to build anyway)"
+            "(or pass --max-missing-fraction 1 to build anyway)"
         )
 
 

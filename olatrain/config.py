@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,7 @@ def resolve_config_paths(section: dict[str, Any], base: Path) -> dict[str, Any]:
             return
         if maybe_local and not (v.startswith(("./", "../")) or (base / v).is_dir()):
             return
-        node[keys[-1]] = str(base / v)
+        node[keys[-1]] = os.path.normpath(base / v)
 
     for keys in PATH_KEYS:
         fix(keys, False)
