@@ -56,8 +56,11 @@ class _Group(TyperGroup):
             rc = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
         except ClickException as e:
-            if type(e).__name__ == "NoArgsIsHelpError" or not standalone_mode:
+            if not standalone_mode:
                 raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `olacache`: the help, as typer shows it
+                e.show()
+                sys.exit(e.exit_code)
             ctx = getattr(e, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             _error_line(f"{e.format_message()}{where}")
