@@ -506,7 +506,7 @@ def generate_cmd(
     from olatrain.generate import generate
 
     text = generate(checkpoint, prompt, image=image, max_new_tokens=max_new_tokens, device=device,
-                    note=lambda m: console.print(f"note: {m}", markup=False, highlight=False))
+                    note=lambda m: console.print(f"note: {m}", markup=False, highlight=False, soft_wrap=True))
     # plain print: the answer exactly as decoded (no rich markup or wrapping), alone on stdout
     print(text)
 
