@@ -260,6 +260,13 @@ def check_config(cfg: BuildConfig) -> None:
     if not Path(cfg.image_root).is_dir():
         raise BuildError(f"image root {cfg.image_root} is not a directory; pass the directory the annotation "
                          "image paths are relative to")
+    if "://" not in cfg.out:
+        # the nearest existing ancestor of --out must be writable: found now, not after the teachers load
+        parent = Path(cfg.out).expanduser().absolute()
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+            raise BuildError(f"--out {cfg.out}: {parent} is not writable; choose a store path you can write to")
     if not 0.0 <= cfg.max_missing_fraction <= 1.0:
         raise BuildError(f"max_missing_fraction must be within [0, 1], got {cfg.max_missing_fraction}")
 
@@ -271,7 +278,10 @@ PROBE_IMAGES = 1024
 def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
     """Refuse a build whose image root is evidently wrong, before any teacher loads or anything is written:
     every image of the first batch missing, or more than ``max_missing_fraction`` of a probe of up to
-    PROBE_IMAGES images missing. Otherwise a wrong root would fill the store with "missing file" rows."""
+    PROBE_IMAGES images missing. Otherwise a wrong root would fill the store with "missing file" rows.
+    ``max_missing_fraction`` 1 turns the check off (a build that is meant to record missing files)."""
+    if cfg.max_missing_fraction >= 1.0:
+        return
     step = max(1, len(paths) // PROBE_IMAGES)
     first = paths[: cfg.batch_size]
     probe = list(dict.fromkeys(first + paths[::step][:PROBE_IMAGES]))

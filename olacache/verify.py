@@ -106,6 +106,9 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
             n_failed = int((st == FAILED).sum())
             if len(failed_paths) != n_failed:
                 rep.problems.append(f"{t}: {n_failed} failed rows but {len(failed_paths)} error records")
+            if errs and n_failed == s.n_images:
+                rep.problems.append(f"{t}: every image failed (first: {errs[0][0]}: {errs[0][1]}); a wrong image "
+                                    "root? Fix it, then run the build again with --retry-failed")
             if errs:
                 rep.failed[t] = errs
                 rep.warnings.append(

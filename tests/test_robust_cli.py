@@ -264,6 +264,14 @@ def test_wrong_image_root_stops_before_anything_is_written(tmp_path):
     res, _ = _invoke(olacache_app, "build", ann, tmp_path / "other", "--out", cfg.out, "--teachers", "gen")
     assert "first path tried" in _one_error_line(res, 2)
     assert not Path(cfg.out).exists()
+    # on purpose (--max-missing-fraction 1): built, every row failed, and verify calls that a problem
+    cfg.max_missing_fraction = 1.0
+    s = build(cfg, log=_quiet)
+    assert len(s.failures) == 3
+    rep = verify_store(cfg.out)
+    assert not rep.ok and any("every image failed" in p and "--retry-failed" in p for p in rep.problems)
+    res, out = _invoke(olacache_app, "verify", cfg.out)
+    assert res.exit_code == 1 and "a.jpg" in out and "missing file" in out
 
 
 def test_retry_failed_recomputes_only_the_failed_rows(tmp_path):
@@ -371,3 +379,10 @@ def test_relative_paths_in_config_files_resolve_against_the_file(tmp_path, monke
     cfg = BuildConfig.from_file(proj / "conf" / "build.yaml", image_root="imgs", out="s.zarr")
     assert Path(cfg.annotations) == (proj / "ann.json").resolve()
     assert cfg.image_root == "imgs" and cfg.teacher_overrides["gen"]["source"] == "org/name"
+
+
+def test_bare_command_shows_help_and_unknown_command_is_one_line():
+    res, out = _invoke(olacache_app)
+    assert "Usage" in out and "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit)
+    line = _one_error_line(_invoke(olatrain_app, "trian")[0], 2)
+    assert "trian" in line and "--help" in line
