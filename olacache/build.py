@@ -367,8 +367,8 @@ def plan_work(store: EmbeddingStore, teachers: list[str], retry_failed: bool) ->
 
     With ``retry_failed``, a complete shard with FAILED rows gets just those rows: the shard is then rewritten
     whole through the store's one write path, its OK rows carrying their stored values (read back; lossless
-    for float16, and int8 re-quantises to the same integers), so only the failed rows are recomputed. That
-    keeps the cost proportional to the failures, not to the shards they fall in."""
+    for float16; int8 re-quantises to the same integers, its per-row scale moving by float16 rounding at most),
+    so only the failed rows are recomputed: the cost follows the failures, not the shards they fall in."""
     work: dict[int, dict[str, list[int] | None]] = {}
     for t in teachers:
         complete = store.complete_shards(t)
