@@ -69,6 +69,28 @@ def identity_collate(x: Any) -> Any:
     return x
 
 
+def plan_work(store: EmbeddingStore, teachers: list[str], retry_failed: bool) -> dict[int, dict[str, list[int] | None]]:
+    """{shard: {teacher: rows to compute}}; None means the whole shard (it is incomplete for that teacher).
+
+    With ``retry_failed``, a complete shard with FAILED rows gets just those rows: the shard is then rewritten
+    whole through the store's one write path, its OK rows carrying their stored values (read back; lossless
+    for float16; int8 re-quantises to the same integers, its per-row scale moving by float16 rounding at most),
+    so only the failed rows are recomputed: the cost follows the failures, not the shards they fall in."""
+    work: dict[int, dict[str, list[int] | None]] = {}
+    for t in teachers:
+        complete = store.complete_shards(t)
+        failed = np.flatnonzero(store.status(t) == FAILED) if retry_failed else np.empty(0, dtype=np.int64)
+        for s in range(store.n_shards):
+            if not complete[s]:
+                work.setdefault(s, {})[t] = None
+        for r in failed:
+            s = int(r) // store.shard_size
+            if complete[s]:
+                rows = work.setdefault(s, {}).setdefault(t, [])
+                rows.append(int(r))
+    return work
+
+
 def plan_batches(shards: Sequence[int], shard_rows: Callable[[int], range], batch_size: int) -> list[tuple[int, list[int]]]:
     """Fixed batch composition: a shard's rows in order, cut every batch_size. Independent of which shards
     are pending, so a resumed build forwards exactly the batches of an uninterrupted one."""
