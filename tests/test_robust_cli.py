@@ -298,8 +298,11 @@ def test_retry_failed_recomputes_only_the_failed_rows(tmp_path):
     again = build(cfg, log=logs.append)  # a plain rerun keeps them failed and says how to retry
     assert again.images_computed == 0 and len(again.failures) == 2
     assert any("--retry-failed" in line for line in logs)
+    assert logs[0].startswith("loading teachers")
     cfg.retry_failed = True
-    retried = build(cfg, log=_quiet)
+    calls: list[tuple[int, int]] = []
+    retried = build(cfg, log=_quiet, progress=lambda done, total, ok: calls.append((done, total)))
+    assert calls[0] == (0, 2) and calls[-1] == (2, 2)  # the bar starts at 0 when computing starts
     assert retried.images_computed == 2 and not retried.failures  # only the two failed rows ran
     (tmp_path / "ref").mkdir()
     ref = build(_cfg(tmp_path / "ref", ann, tmp_path / "full"), log=_quiet)
