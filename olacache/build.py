@@ -283,7 +283,7 @@ def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
     ``max_missing_fraction`` 1 turns the check off (a build that is meant to record missing files)."""
     if cfg.max_missing_fraction >= 1.0:
         return
-    step = max(1, len(paths) // PROBE_IMAGES)
+    step = max(1, -(-len(paths) // PROBE_IMAGES))  # ceil: the probe spans the whole list
     first = paths[: cfg.batch_size]
     probe = list(dict.fromkeys(first + paths[::step][:PROBE_IMAGES]))
     missing = {rel: tried for rel in probe if (tried := _missing(cfg.image_root, rel)) is not None}
