@@ -389,3 +389,28 @@ def test_bare_command_shows_help_and_unknown_command_is_one_line():
     assert "Usage" in out and "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit)
     line = _one_error_line(_invoke(olatrain_app, "trian")[0], 2)
     assert "trian" in line and "--help" in line
+
+
+def test_depth_store_from_the_old_interpolation_is_refused_by_name(tmp_path, monkeypatch):
+    """A depth column built before the reference interpolation (spec_version 1) is refused on resume, naming
+    the difference and --overwrite-teacher depth; that flag then rebuilds just that column."""
+    from olacache.store import StoreMismatch
+    from olacache.teachers.depth import DepthTeacher
+
+    _images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    ann = _ann(tmp_path / "ann.json", ["a.jpg", "b.jpg"])
+    cfg = _cfg(tmp_path, ann, tmp_path / "imgs", teachers=["depth"])
+    with monkeypatch.context() as m:
+        m.setattr(DepthTeacher, "spec_version", 1)
+        build(cfg, log=_quiet)
+    with pytest.raises(StoreMismatch) as e:
+        build(cfg, log=_quiet)
+    assert "spec_version" in str(e.value) and "--overwrite-teacher depth" in str(e.value)
+    res, _ = _invoke(olacache_app, "build", ann, tmp_path / "imgs", "--out", cfg.out, "--teachers", "depth",
+                     "--workers", "0", "--device", "cpu")
+    assert "--overwrite-teacher depth" in _one_error_line(res, 2)
+    cfg.overwrite_teacher = ["depth"]
+    s = build(cfg, log=_quiet)
+    assert s.teachers[0].n_ok == 2
+    with EmbeddingStore.open(cfg.out) as st:
+        assert st.teacher_attrs("depth")["spec"]["spec_version"] == 2
