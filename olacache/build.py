@@ -14,12 +14,16 @@ Pipeline (one process per GPU under torchrun; one process on CPU), numbered as i
     5. summary + per-channel statistics (rank 0)
 
 Bad images never abort the build: decode failures and per-image forward failures become FAILED rows with a
-reason; text-only samples are skipped (they have no image). The moving parts live in ``shards.py``.
+reason (naming the full path tried); text-only samples are skipped (they have no image). A wrong image root does
+abort it, before anything is loaded or written (:func:`check_image_root`), so it cannot fill a store with
+"missing file" rows. ``retry_failed`` recomputes the FAILED rows of complete shards (and only those), e.g. after
+fixing files or the root. The moving parts live in ``shards.py``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +37,7 @@ from olacache import __version__
 from olacache.common.configio import ConfigError, build_dataclass, load_yaml_file
 from olacache.common.runtime import Runtime, init_runtime
 from olacache.inputs.annotations import load_annotations, unique_images
+from olacache.inputs.images import ImageError, resolve_under_root
 from olacache.shards import (
     ShardBuffer,
     ShardImages,
@@ -40,6 +45,7 @@ from olacache.shards import (
     forward_isolating_failures,
     identity_collate,
     plan_batches,
+    plan_work,
 )
 from olacache.stats import channel_stats
 from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreMismatch, int8_cosines
@@ -68,17 +74,44 @@ class BuildConfig:
     overwrite_teacher: list[str] = field(default_factory=list)
     device: str = "auto"
     progress: bool = True
+    # recompute the FAILED rows of complete shards (after fixing files or the image root); OK rows are kept
+    retry_failed: bool = False
+    # follow symlinks out of the image root (refused by default: outside targets become failed rows)
+    allow_outside_root: bool = False
+    # refuse to start when more than this fraction of a probe of the images is missing (a wrong image root)
+    max_missing_fraction: float = 0.5
 
     @classmethod
     def from_file(cls, path: str | Path, **cli: Any) -> BuildConfig:
         """YAML/JSON file values (read like every config: YAML-1.2 scalars, typed fields), then CLI values that
-        were actually given (not None) on top."""
+        were actually given (not None) on top. Relative paths IN THE FILE (annotations, image_root, out, and a
+        teacher source that starts with ./ or ../ or names an existing directory there) are taken relative to
+        the file's directory, so a config works from any working directory; CLI values stay relative to it."""
         try:
-            data = load_yaml_file(path, "build config")
+            data = resolve_config_paths(load_yaml_file(path, "build config"), Path(path).resolve().parent)
             data.update({k: v for k, v in cli.items() if v is not None})
             return build_dataclass(cls, data, str(path))
         except ConfigError as e:
             raise BuildError(str(e)) from None
+
+
+def resolve_config_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative path values of a build config file made relative to ``base`` (the file's directory)."""
+    out = dict(data)
+    for key in ("annotations", "image_root", "out"):
+        v = out.get(key)
+        if isinstance(v, str) and v and "://" not in v and not Path(v).expanduser().is_absolute():
+            out[key] = os.path.normpath(base / v)
+    ovs = out.get("teacher_overrides")
+    if isinstance(ovs, dict):
+        out["teacher_overrides"] = {k: dict(v) if isinstance(v, dict) else v for k, v in ovs.items()}
+        for ov in out["teacher_overrides"].values():
+            src = ov.get("source") if isinstance(ov, dict) else None
+            # a hub id ("org/name") looks like a relative path too: only explicit or existing local paths move
+            if isinstance(src, str) and not Path(src).is_absolute() and (
+                    src.startswith(("./", "../")) or (base / src).is_dir()):
+                ov["source"] = os.path.normpath(base / src)
+    return out
 
 
 @dataclass
@@ -193,8 +226,12 @@ def load_teachers(cfg: BuildConfig, device: torch.device) -> dict[str, Any]:
     out = {}
     for name in cfg.teachers:
         ov = cfg.teacher_overrides.get(name, {})
-        out[name] = load_teacher(name, preset=ov.get("preset", cfg.preset), source=ov.get("source"),
-                                 device=device, options=ov.get("options"))
+        try:
+            out[name] = load_teacher(name, preset=ov.get("preset", cfg.preset), source=ov.get("source"),
+                                     device=device, options=ov.get("options"))
+        except (ValueError, OSError) as e:  # bad option/preset, or a checkpoint that cannot be found/read
+            msg = " ".join(str(e).split())
+            raise BuildError(msg if msg.startswith("teacher") else f"teacher {name!r}: {msg}") from e
     return out
 
 
@@ -204,6 +241,16 @@ def check_config(cfg: BuildConfig) -> None:
         raise BuildError(f"--dtype must be float16 or int8, got {cfg.dtype!r}")
     if cfg.format not in ("zarr", "hdf5"):
         raise BuildError(f"--format must be zarr or hdf5, got {cfg.format!r}")
+    from olacache.teachers import PRESETS, TEACHERS
+
+    unknown = [t for t in cfg.teachers if t not in TEACHERS]
+    if unknown:
+        raise BuildError(f"unknown teacher(s) {unknown}; registered: {sorted(TEACHERS)}")
+    for where, preset in [("--preset", cfg.preset)] + [
+            (f"teacher_overrides.{t}.preset", ov["preset"]) for t, ov in cfg.teacher_overrides.items()
+            if isinstance(ov, dict) and "preset" in ov]:
+        if preset not in PRESETS:
+            raise BuildError(f"{where}: unknown preset {preset!r}; valid: {list(PRESETS)}")
     for key in ("batch_size", "shard_size", "workers"):
         v = getattr(cfg, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "workers" else 1):
@@ -212,12 +259,58 @@ def check_config(cfg: BuildConfig) -> None:
     if unknown_ow:
         raise BuildError(f"--overwrite-teacher {sorted(unknown_ow)} is not among --teachers {cfg.teachers}")
     if not Path(cfg.image_root).is_dir():
-        raise BuildError(f"image root {cfg.image_root} is not a directory")
+        raise BuildError(f"image root {cfg.image_root} is not a directory; pass the directory the annotation "
+                         "image paths are relative to")
+    if "://" not in cfg.out:
+        # the nearest existing ancestor of --out must be writable: found now, not after the teachers load
+        parent = Path(cfg.out).expanduser().absolute()
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+            raise BuildError(f"--out {cfg.out}: {parent} is not writable; choose a store path you can write to")
+    if not 0.0 <= cfg.max_missing_fraction <= 1.0:
+        raise BuildError(f"max_missing_fraction must be within [0, 1], got {cfg.max_missing_fraction}")
+
+
+PROBE_IMAGES = 1024
+"""How many image paths :func:`check_image_root` stats (the first batch plus evenly spaced others)."""
+
+
+def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
+    """Refuse a build whose image root is evidently wrong, before any teacher loads or anything is written:
+    every image of the first batch missing, or more than ``max_missing_fraction`` of a probe of up to
+    PROBE_IMAGES images missing. Otherwise a wrong root would fill the store with "missing file" rows.
+    ``max_missing_fraction`` 1 turns the check off (a build that is meant to record missing files)."""
+    if cfg.max_missing_fraction >= 1.0:
+        return
+    step = max(1, -(-len(paths) // PROBE_IMAGES))  # ceil: the probe spans the whole list
+    first = paths[: cfg.batch_size]
+    probe = list(dict.fromkeys(first + paths[::step][:PROBE_IMAGES]))
+    missing = {rel: tried for rel in probe if (tried := _missing(cfg.image_root, rel)) is not None}
+    if not missing:
+        return
+    if all(rel in missing for rel in first) or len(missing) > cfg.max_missing_fraction * len(probe):
+        raise BuildError(
+            f"{len(missing)} of {len(probe)} images checked are missing under the image root "
+            f"{Path(cfg.image_root).resolve()} (first path tried: {next(iter(missing.values()))}); is the "
+            "image root right? Nothing was written. Pass the directory the annotation paths are relative to "
+            "(or pass --max-missing-fraction 1 to build anyway)"
+        )
+
+
+def _missing(root: str, rel: str) -> str | None:
+    """The full path tried when ``root/rel`` exists in no spelling, else None."""
+    try:
+        resolve_under_root(root, rel, allow_outside=True)
+    except ImageError as e:
+        return e.path
+    return None
 
 
 def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None = None,
           log: Callable[[str], None] = print) -> BuildSummary:
-    """Run a (resumable, optionally distributed) build. `progress(done, total, ok)` is called per batch."""
+    """Run a (resumable, optionally distributed) build. `progress(done, total, ok)` is called once with
+    done=0 when computing starts (after the teachers load), then per batch."""
     t0 = time.perf_counter()
     check_config(cfg)
 
@@ -227,26 +320,36 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
     text_only = sum(1 for s in samples if not s.get("image"))
     if not paths:
         raise BuildError(f"{cfg.annotations}: no sample has an image; nothing to build")
+    check_image_root(cfg, paths)
     rt = init_runtime(cfg.device)
     if cfg.format == "hdf5" and rt.distributed:
         raise BuildError("HDF5 stores have a single writer; use --format zarr for torchrun builds")
 
     # 2. teachers, then the store (all mismatches are refused here, before any work)
+    if rt.main:
+        log(f"loading teachers: {', '.join(cfg.teachers)} ({cfg.preset}) ...")
     teachers = load_teachers(cfg, rt.device)
     store = prepare_store(cfg, paths, teachers, rt)
 
-    # 3. pending shards: any teacher whose status chunk for the shard is incomplete; this rank's share
-    complete = {t: store.complete_shards(t) for t in teachers}
-    pending = [s for s in range(store.n_shards) if not all(complete[t][s] for t in teachers)]
-    shard_teachers = {s: [t for t in teachers if not complete[t][s]] for s in pending}
+    # 3. pending shards: any teacher whose status chunk for the shard is incomplete (all its rows), plus with
+    # retry_failed the FAILED rows of complete shards; this rank's share
+    work = plan_work(store, list(teachers), cfg.retry_failed)
+    pending = sorted(work)
+    shard_teachers = {s: list(work[s]) for s in pending}
     mine = [s for s in pending if s % rt.world == rt.rank]
     if rt.main:
+        n_retry = sum(len(r) for w in work.values() for r in w.values() if r is not None)
         log(f"{store.n_images} images in {store.n_shards} shards of {store.shard_size}; "
             f"{store.n_shards - len(pending)} complete, {len(pending)} to compute"
+            + (f" ({n_retry} failed row(s) to retry)" if cfg.retry_failed else "")
             + (f" over {rt.world} ranks" if rt.distributed else ""))
+        if not cfg.retry_failed:
+            n_failed = {t: int((store.status(t) == FAILED).sum()) for t in teachers}
+            if any(n_failed.values()):
+                log(f"failed rows recorded: {n_failed}; `--retry-failed` recomputes them")
 
     # 4. decode in workers, forward in batches, write whole shards in the background
-    computed, int8_cos = compute_shards(cfg, store, teachers, mine, shard_teachers, rt.device, progress)
+    computed, int8_cos = compute_shards(cfg, store, teachers, mine, shard_teachers, rt.device, progress, work)
 
     # 5. summary + per-channel stats (rank 0; from the store itself, so resumed builds are covered too)
     rt.barrier()
@@ -262,12 +365,23 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
 
 def compute_shards(cfg: BuildConfig, store: EmbeddingStore, teachers: dict[str, Any], mine: list[int],
                    shard_teachers: dict[int, list[str]], device: torch.device,
-                   progress: Callable[[int, int, int], None] | None) -> tuple[int, dict[str, list[np.ndarray]]]:
+                   progress: Callable[[int, int, int], None] | None,
+                   work: dict[int, dict[str, list[int] | None]] | None = None,
+                   ) -> tuple[int, dict[str, list[np.ndarray]]]:
     """Step 4 for this rank's shards -> (images computed, int8 round-trip cosines per teacher)."""
-    batches = plan_batches(mine, store.shard_rows, cfg.batch_size)
-    n_mine = sum(len(store.shard_rows(s)) for s in mine)
+    work = work if work is not None else {s: dict.fromkeys(shard_teachers[s]) for s in mine}
+
+    def shard_rows(s: int) -> list[int]:
+        """Every row of an incomplete shard (so batches equal an uninterrupted build's); else the retried rows."""
+        sets = work[s].values()
+        if any(r is None for r in sets):
+            return list(store.shard_rows(s))
+        return sorted({r for rows in sets for r in rows})
+
+    batches = plan_batches(mine, shard_rows, cfg.batch_size)
+    n_mine = sum(len(shard_rows(s)) for s in mine)
     ds = ShardImages(Path(cfg.image_root), store.image_paths, batches, shard_teachers,
-                     {t: teachers[t].preprocessor() for t in teachers})
+                     {t: teachers[t].preprocessor() for t in teachers}, allow_outside=cfg.allow_outside_root)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=cfg.workers,
         collate_fn=identity_collate, pin_memory=device.type == "cuda",
@@ -279,18 +393,33 @@ def compute_shards(cfg: BuildConfig, store: EmbeddingStore, teachers: dict[str, 
     computed = 0
     int8_cos: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
     writer = ShardWriter(store)
+    stored: dict[str, tuple[np.ndarray, dict[str, str]]] = {}  # per teacher, read once for retried shards
+    if progress:
+        progress(0, n_mine, 0)
     try:
         for item in loader:
             shard = item["shard"]
             for t in shard_teachers[shard]:
                 key = (shard, t)
+                todo = work[shard][t]
                 buf = buffers.get(key)
                 if buf is None:
                     buf = buffers[key] = ShardBuffer(store.shard_rows(shard), tuple(teachers[t].target_shape))
+                    if todo is not None:  # retry: start from the stored shard, the retried rows to compute
+                        if t not in stored:
+                            stored[t] = (store.status(t), dict(store.errors(t)))
+                        buf.load_existing(store, t, todo, *stored[t])
+                wanted = None if todo is None else set(todo)
                 for r, reason in item["failed"].items():
-                    buf.put_failed(r, reason)
-                if item["ok_rows"]:
-                    ok, vals, failed = forward_isolating_failures(teachers[t], item["pixels"][t], item["ok_rows"])
+                    if wanted is None or r in wanted:
+                        buf.put_failed(r, reason)
+                ok_rows = item["ok_rows"]
+                pix = item["pixels"][t]
+                if wanted is not None and ok_rows:
+                    keep = [i for i, r in enumerate(ok_rows) if r in wanted]
+                    ok_rows, pix = [ok_rows[i] for i in keep], (pix[keep] if keep else None)
+                if ok_rows:
+                    ok, vals, failed = forward_isolating_failures(teachers[t], pix, ok_rows)
                     if vals is not None:
                         buf.put_ok(ok, vals)
                         if cfg.dtype == "int8" and len(int8_cos[t]) < 64:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from olacache.inputs.images import ImageError, load_rgb
-from olacache.store import FAILED, MISSING, OK, EmbeddingStore
+from olacache.inputs.images import ImageError, load_under_root
+from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreError
 
 
 class ShardImages(torch.utils.data.Dataset):
@@ -24,8 +24,10 @@ class ShardImages(torch.utils.data.Dataset):
     that still needs that shard. Runs in DataLoader workers; holds only picklable preprocessors."""
 
     def __init__(self, image_root: Path, paths: Sequence[str], batches: list[tuple[int, list[int]]],
-                 shard_teachers: dict[int, list[str]], preprocessors: dict[str, Callable]):
+                 shard_teachers: dict[int, list[str]], preprocessors: dict[str, Callable], *,
+                 allow_outside: bool = False):
         self.root = image_root
+        self.allow_outside = allow_outside
         self.paths = paths
         self.batches = batches
         self.shard_teachers = shard_teachers
@@ -42,10 +44,11 @@ class ShardImages(torch.utils.data.Dataset):
         pix: dict[str, list[torch.Tensor]] = {t: [] for t in teachers}
         for r in rows:
             try:
-                img = load_rgb(self.root / self.paths[r])
+                img = load_under_root(self.root, self.paths[r], allow_outside=self.allow_outside)
                 per = {t: self.pre[t](img) for t in teachers}
             except ImageError as e:
-                failed[r] = e.reason
+                # the full path tried: a wrong root or a moved file is then obvious from the reason alone
+                failed[r] = f"{e.reason}: {e.path}"
                 continue
             except Exception as e:  # a preprocessor choking on a valid-but-odd image: record, don't abort
                 failed[r] = f"preprocessing failed: {type(e).__name__}: {e}"
@@ -64,6 +67,28 @@ class ShardImages(torch.utils.data.Dataset):
 
 def identity_collate(x: Any) -> Any:
     return x
+
+
+def plan_work(store: EmbeddingStore, teachers: list[str], retry_failed: bool) -> dict[int, dict[str, list[int] | None]]:
+    """{shard: {teacher: rows to compute}}; None means the whole shard (it is incomplete for that teacher).
+
+    With ``retry_failed``, a complete shard with FAILED rows gets just those rows: the shard is then rewritten
+    whole through the store's one write path, its OK rows carrying their stored values (read back; lossless
+    for float16; int8 re-quantises to the same integers, its per-row scale moving by float16 rounding at most),
+    so only the failed rows are recomputed: the cost follows the failures, not the shards they fall in."""
+    work: dict[int, dict[str, list[int] | None]] = {}
+    for t in teachers:
+        complete = store.complete_shards(t)
+        failed = np.flatnonzero(store.status(t) == FAILED) if retry_failed else np.empty(0, dtype=np.int64)
+        for s in range(store.n_shards):
+            if not complete[s]:
+                work.setdefault(s, {})[t] = None
+        for r in failed:
+            s = int(r) // store.shard_size
+            if complete[s]:
+                rows = work.setdefault(s, {}).setdefault(t, [])
+                rows.append(int(r))
+    return work
 
 
 def plan_batches(shards: Sequence[int], shard_rows: Callable[[int], range], batch_size: int) -> list[tuple[int, list[int]]]:
@@ -85,6 +110,7 @@ class ShardWriter:
         self.store = store
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.failed_at: tuple[int, str] | None = None
         self.on_written = on_written
         self.thread = threading.Thread(target=self._run, name="olacache-writer", daemon=True)
         self.thread.start()
@@ -103,6 +129,7 @@ class ShardWriter:
                     self.on_written(shard, teacher)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
+                self.failed_at = (shard, teacher)
 
     def put(self, shard: int, teacher: str, values: np.ndarray, status: np.ndarray, errors: list[str]) -> None:
         self._check()
@@ -110,7 +137,10 @@ class ShardWriter:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"writing to the store failed: {self.error}") from self.error
+            shard, teacher = self.failed_at or (-1, "?")
+            # a StoreError (one `error:` line in the CLI) whose cause keeps the OSError (disk full, permission)
+            raise StoreError(f"{self.store.url}: writing shard {shard} of {teacher!r} failed: "
+                             f"{type(self.error).__name__}: {self.error}") from self.error
 
     def close(self) -> None:
         self.q.put(None)
@@ -127,6 +157,18 @@ class ShardBuffer:
         self.values = np.zeros((self.n, *shape), dtype=np.float32)
         self.status = np.full(self.n, MISSING, dtype=np.uint8)
         self.errors = [""] * self.n
+
+    def load_existing(self, store: EmbeddingStore, teacher: str, rows: Sequence[int], status: np.ndarray,
+                      reasons: dict[str, str]) -> None:
+        """Start from the shard as stored (values, ``status`` and ``reasons`` of the whole column) with ``rows``
+        to be computed again (retry of failed rows); OK rows keep their stored values when the shard is
+        rewritten whole."""
+        idx = np.arange(self.start, self.start + self.n)
+        self.values[:] = store.read_rows(teacher, idx)
+        self.status[:] = status[idx]
+        paths = store.image_paths
+        self.errors = [reasons.get(paths[i], "") if self.status[k] != OK else "" for k, i in enumerate(idx)]
+        self.status[np.asarray(rows, dtype=np.int64) - self.start] = MISSING
 
     def put_ok(self, rows: Sequence[int], values: np.ndarray) -> None:
         idx = np.asarray(rows) - self.start

@@ -58,6 +58,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per teacher: (image path, reason) of every FAILED row
+    failed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -99,10 +101,20 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
             bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED}
             if bad_status:
                 rep.problems.append(f"{t}: unknown status codes {sorted(bad_status)}")
-            failed_paths = {p for p, _ in s.errors(t)}
+            errs = s.errors(t)
+            failed_paths = {p for p, _ in errs}
             n_failed = int((st == FAILED).sum())
             if len(failed_paths) != n_failed:
                 rep.problems.append(f"{t}: {n_failed} failed rows but {len(failed_paths)} error records")
+            if errs and n_failed == s.n_images:
+                rep.problems.append(f"{t}: every image failed (first: {errs[0][0]}: {errs[0][1]}); a wrong image "
+                                    "root? Fix it, then run the build again with --retry-failed")
+            if errs:
+                rep.failed[t] = errs
+                rep.warnings.append(
+                    f"{t}: {n_failed} failed image(s) (listed with their reasons); after fixing the files or "
+                    "the image root, run the build again with --retry-failed to recompute just those rows"
+                )
             ok_rows = np.flatnonzero(st == OK)
             if len(ok_rows):
                 rng = np.random.default_rng(seed)
@@ -126,7 +138,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
 def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: str | None, device: str,
             seed: int) -> dict[str, Any]:
     """Re-run the live teacher on k random OK images and compare with the stored targets."""
-    from olacache.inputs.images import load_rgb
+    from olacache.inputs.images import load_under_root
     from olacache.teachers import load_teacher
 
     a = s.teacher_attrs(t)
@@ -146,7 +158,7 @@ def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: 
     rows = np.sort(rng.choice(ok_rows, size=min(k, len(ok_rows)), replace=False))
     stored = s.read_rows(t, rows).astype(np.float64)
     try:
-        imgs = [load_rgb(root / s.image_paths[r]) for r in rows]
+        imgs = [load_under_root(root, s.image_paths[r], allow_outside=True) for r in rows]
     except Exception as e:
         return {"error": f"cannot read images under {root} (pass --image-root): {e}"}
     live = np.concatenate([teacher([im]).numpy() for im in imgs]).astype(np.float64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,55 @@ class RunSpec:
         return Path(self.configs[self.stages[0]].output_dir)
 
 
+# Path-valued keys of a run config. In a config FILE, relative values are relative to the file's directory (so a
+# config works from any working directory); `--set` values stay relative to the working directory.
+PATH_KEYS = (("data", "annotations"), ("data", "image_root"), ("data", "store"), ("output_dir",),
+             ("train", "init_from"))
+# model names are hub ids or "tiny" unless they look local: these move only when written ./x or ../x, or when
+# the directory exists next to the config
+MAYBE_LOCAL_KEYS = (("model", "vision"), ("model", "llm"), ("model", "tokenizer"))
+
+
+def resolve_config_paths(section: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a config mapping (the shared sections or one stage's) with its relative paths made relative to
+    ``base``; URLs ("s3://..."), absolute paths and non-strings are left alone."""
+    out = deep_merge(section, {})
+
+    def fix(keys: tuple[str, ...], maybe_local: bool) -> None:
+        node = out
+        for k in keys[:-1]:
+            node = node.get(k)
+            if not isinstance(node, dict):
+                return
+        v = node.get(keys[-1])
+        if not isinstance(v, str) or not v or "://" in v or Path(v).expanduser().is_absolute():
+            return
+        if maybe_local and not (v.startswith(("./", "../")) or (base / v).is_dir()):
+            return
+        node[keys[-1]] = os.path.normpath(base / v)
+
+    for keys in PATH_KEYS:
+        fix(keys, False)
+    for keys in MAYBE_LOCAL_KEYS:
+        fix(keys, True)
+    sources = (out.get("train") or {}).get("teacher_sources") if isinstance(out.get("train"), dict) else None
+    if isinstance(sources, dict):
+        for t in list(sources):
+            fix(("train", "teacher_sources", t), True)
+    return out
+
+
 def load_run(path: str | Path | None, overrides: list[str] | None = None) -> RunSpec:
     raw: dict[str, Any] = load_yaml_file(path) if path is not None else {}
+    if path is not None:
+        base = Path(path).resolve().parent
+        stages_in_file = raw.get("stages")
+        raw = resolve_config_paths({k: v for k, v in raw.items() if k != "stages"}, base)
+        if isinstance(stages_in_file, dict):
+            raw["stages"] = {n: resolve_config_paths(v, base) if isinstance(v, dict) else v
+                             for n, v in stages_in_file.items()}
+        elif stages_in_file is not None:
+            raw["stages"] = stages_in_file
     cli = parse_overrides(overrides)
     yaml_stages = raw.pop("stages", None) or {}
     cli_stages = cli.get("stages") or {}

@@ -7,6 +7,7 @@ template and image preprocessing as training, with the image and the frozen task
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,20 @@ def generate_ids(
 
 
 def generate(directory: Path, prompt: str, *, image: Path | None = None, max_new_tokens: int = 32,
-             device: str = "auto") -> str:
+             device: str = "auto", note: Callable[[str], None] | None = None) -> str:
+    """The decoded answer; ``note`` receives remarks about it (kept apart, so a caller can print the answer
+    alone on stdout)."""
     from olacache.inputs.images import ImageError, load_rgb
     from olatrain.data.pixels import pad_to_square, processor_mean_color, run_processor
     from olatrain.data.templates import tokenize_conversation
 
+    if image is not None and not Path(image).is_file():  # before the model loads
+        raise GenerateError(f"--image {image}: no such file")
     model, tok, proc, cfg = load_for_inference(directory, device)
+    tiny = [k for k in ("llm", "vision") if getattr(cfg.model, k) == "tiny"]
+    if note is not None and tiny:
+        note(f"this checkpoint's {' and '.join(tiny)} come from the tiny random-weight presets: "
+             "expect noise, not answers (real checkpoints: model.llm / model.vision)")
     has_image = image is not None
     text = f"<image>\n{prompt}" if has_image else prompt
     ids, _ = tokenize_conversation([{"from": "human", "value": text}], tok, cfg.model.chat_template,

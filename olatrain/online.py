@@ -7,14 +7,13 @@ teacher code; the boundary tests check that.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from olacache.inputs.images import ImageError, load_rgb
+from olacache.inputs.images import ImageError, load_under_root
 
 
 class OnlineTargets:
@@ -56,13 +55,6 @@ class OnlineTargets:
         return targets, ok
 
     def _load(self, key: str) -> Any:
-        """The batch carries store keys (NFC-normalised paths). A file named in NFD (macOS) is found by the
-        dataset through the raw annotated path; here, without it, try the NFD spelling of the key, so online
-        targets are not silently missing for images the dataset did load."""
-        try:
-            return load_rgb(self.root / key)
-        except ImageError as e:
-            nfd = unicodedata.normalize("NFD", key)
-            if e.reason != "missing file" or nfd == key:
-                raise
-            return load_rgb(self.root / nfd)
+        """The batch carries store keys (NFC-normalised paths); ``load_under_root`` also finds a file named in
+        NFD (macOS) and refuses one that resolves outside the image root, exactly as ``olacache build`` does."""
+        return load_under_root(self.root, key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -127,7 +128,11 @@ def test_modes(tmp_path):
     out = arr(load_rgb(save(tmp_path, "c.tif", cmyk)))
     assert out[0, 0].tolist() == [255, 0, 0]
 
-    assert load_rgb(save(tmp_path, "tall.png", Image.new("RGB", (1, 5000), (3, 4, 5)))).size == (1, 5000)
+    # tall strips load up to the 100:1 bound; 1x5000 (aspect 5000) is refused since issue 7: its 336-px
+    # shortest-edge resize alone would take 1.7 GB (test_extreme_strip_is_refused_from_the_header)
+    assert load_rgb(save(tmp_path, "tall.png", Image.new("RGB", (2, 200), (3, 4, 5)))).size == (2, 200)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        load_rgb(save(tmp_path, "tall5000.png", Image.new("RGB", (1, 5000), (3, 4, 5))))
     assert load_rgb(save(tmp_path, "gif.gif", Image.new("P", (4, 4)))).mode == "RGB"
 
 
@@ -203,3 +208,49 @@ def test_error_pickles():
     e = pickle.loads(pickle.dumps(ImageError("a/b.jpg", "zero-byte file")))
     assert isinstance(e, ImageError) and e.path == "a/b.jpg" and e.reason == "zero-byte file"
     assert str(e) == "a/b.jpg: zero-byte file"
+
+
+# ----------------------------------------------------------------------------------------------- bounds, roots
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1), (3, 1000)])
+def test_extreme_strip_is_refused_from_the_header(tmp_path, size):
+    """A tiny file whose shortest-edge resize would need gigabytes: refused before any pixel is decoded."""
+    import tracemalloc
+
+    p = save(tmp_path, "strip.png", Image.new("L", size))
+    tracemalloc.start()
+    try:
+        r = reason(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.startswith("extreme aspect ratio") and f"{size[0]}x{size[1]}" in r
+    assert peak < 20_000_000  # no decode, no resize
+    assert load_rgb(IMAGES / "strip_400x6.jpg").size == (400, 6)  # 66:1 stays valid
+
+
+def test_load_under_root_contains_symlinks_and_finds_nfd(tmp_path):
+    import unicodedata
+
+    from olacache.inputs.images import load_under_root
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(IMAGES / "chelsea.jpg", root / "cat.jpg")
+    shutil.copy(IMAGES / "coffee.jpg", tmp_path / "outside.jpg")
+    (root / "escape.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "dirlink").symlink_to(tmp_path)
+    (root / "inner.jpg").symlink_to(root / "cat.jpg")
+    nfd = unicodedata.normalize("NFD", "é.jpg")
+    shutil.copy(IMAGES / "camera.png", root / nfd)
+    assert load_under_root(root, "inner.jpg").size == load_rgb(root / "cat.jpg").size
+    assert load_under_root(root, unicodedata.normalize("NFC", "é.jpg")).size == load_rgb(IMAGES / "camera.png").size
+    for rel in ("escape.jpg", "dirlink/outside.jpg"):
+        with pytest.raises(ImageError) as ei:
+            load_under_root(root, rel)
+        assert "outside the image root" in ei.value.reason and str(tmp_path / "outside.jpg") in ei.value.reason
+        assert load_under_root(root, rel, allow_outside=True).size == load_rgb(tmp_path / "outside.jpg").size
+    with pytest.raises(ImageError) as ei:
+        load_under_root(root, "nope.jpg")
+    assert ei.value.reason == "missing file" and ei.value.path == str(root / "nope.jpg")

@@ -195,22 +195,57 @@ def test_depth_preprocessing_is_squash_bicubic_imagenet(teachers, images) -> Non
     torch.testing.assert_close(teachers["depth"].preprocessor()(img), ref, rtol=0, atol=1e-6)
 
 
+def _reference_dinov2_features(backbone, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The reference's DINOv2 forward, written independently of olacache: facebookresearch/dinov2's
+    interpolate_pos_encoding (bicubic, no antialias, scale_factor=((24 + 0.1) / 37, ...) from the raw 37x37
+    table), then the same blocks; returns [embeddings, block0, block1, ...]."""
+    emb = backbone.embeddings
+    pos = emb.position_embeddings.detach().float()  # (1, 1 + 37*37, C): the module's raw table
+    m = int(round((pos.shape[1] - 1) ** 0.5))
+    assert m == 37
+    grid = pixels.shape[-1] // 14
+    patch_pos = F.interpolate(
+        pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2),
+        scale_factor=((grid + 0.1) / m, (grid + 0.1) / m),
+        mode="bicubic",
+        align_corners=False,
+        antialias=False,
+    )
+    assert patch_pos.shape[-2:] == (grid, grid)
+    pos_ref = torch.cat([pos[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+    x = emb.patch_embeddings(pixels)
+    x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_ref
+    out = [x]
+    for block in backbone.encoder.layer:
+        x = block(x)
+        x = x[0] if isinstance(x, tuple) else x
+        out.append(x)
+    return out
+
+
 def test_depth_target_is_mean_of_layernormed_patch_tokens(teachers, images) -> None:
-    """Recompute the target independently from the full model's hidden states."""
+    """Recompute the target independently: the reference's position-embedding interpolation, the same blocks,
+    the backbone's LayerNorm on the 4 output blocks, CLS dropped, mean (fp32 tolerance)."""
     from transformers import DepthAnythingForDepthEstimation
 
     t = teachers["depth"]
     model = DepthAnythingForDepthEstimation.from_pretrained(tiny_source("depth"), dtype=torch.float32).eval()
     pixels = torch.stack([t.preprocessor()(im) for im in images])
     with torch.no_grad():
-        hidden = model.backbone(pixels, output_hidden_states=True).hidden_states  # [embeddings, block0, ...]
+        hidden = _reference_dinov2_features(model.backbone, pixels)
         idx = model.config.backbone_config.out_indices
         assert len(idx) == 4 and len(hidden) == 5
         maps = [model.backbone.layernorm(hidden[i])[:, 1:, :] for i in idx]  # LayerNorm, drop CLS
         expected = torch.stack(maps).mean(0)
+        # transformers' own interpolation (size=(24, 24)) is measurably different: the test has teeth
+        hf_hidden = model.backbone(pixels, output_hidden_states=True).hidden_states
+        hf = torch.stack([model.backbone.layernorm(hf_hidden[i])[:, 1:, :] for i in idx]).mean(0)
     assert expected.shape == (2, 576, 32)
-    torch.testing.assert_close(t.forward(pixels), expected, rtol=1e-5, atol=1e-5)
+    got = t.forward(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - hf).abs().max() > 1e-3
     assert t.spec()["target"]["blocks_0indexed"] == [i - 1 for i in idx]
+    assert t.spec()["spec_version"] == 2 and "scale_factor" in t.spec()["target"]["pos_embed_interpolation"]
 
 
 def test_depth_block_mapping_matches_vitl_reference() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def load_annotations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except AnnotationError:
             try:
                 whole = json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 whole = None
             if isinstance(whole, dict):
                 raise AnnotationError(
@@ -86,11 +87,43 @@ def load_annotations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _parse_json_list(p, text)
 
 
-def _parse_json_list(p: Path, text: str) -> list[dict[str, Any]]:
+def _loads(p: Path, text: str, where: str | None) -> Any:
+    """json.loads with every parser failure as one AnnotationError naming the file and line: syntax errors,
+    nesting deeper than the parser's recursion limit (RecursionError) and integers longer than Python's
+    int-conversion limit (a ValueError that is not a JSONDecodeError)."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise AnnotationError(f"{p}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        at = f"{where}: invalid JSON at column {e.colno}" if where else \
+            f"invalid JSON at line {e.lineno}, column {e.colno}"
+        raise AnnotationError(f"{p}: {at}: {e.msg}") from None
+    except RecursionError:
+        at = where or f"line {_deep_line(text)}"
+        raise AnnotationError(f"{p}: {at}: JSON nested too deeply to parse (a sample is a flat object with a "
+                              "'conversations' list)") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        m = re.search(r"\d{1000,}", text)
+        at = where or (f"line {text.count(chr(10), 0, m.start()) + 1}" if m else "somewhere")
+        raise AnnotationError(f"{p}: {at}: unreadable number ({str(e).split(';')[0]}); ids and values must be "
+                              "short numbers or strings") from None
+
+
+def _deep_line(text: str, limit: int = 500) -> int:
+    """1-based line where the JSON nesting first exceeds ``limit`` (error path only: skips strings)."""
+    depth, line, pos = 0, 1, 0
+    for m in re.finditer(r'"(?:\\.|[^"\\])*"|[\[\]{}]', text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > limit:
+                return line + text.count("\n", pos, m.start())
+        elif tok in "]}":
+            depth -= 1
+    return line
+
+
+def _parse_json_list(p: Path, text: str) -> list[dict[str, Any]]:
+    data = _loads(p, text, None)
     if not isinstance(data, list):
         raise AnnotationError(
             f"{p}: top level is a JSON {_kind(data)}; expected a list of sample objects (LLaVA format) "
@@ -106,10 +139,7 @@ def _parse_jsonl(p: Path, text: str) -> list[dict[str, Any]]:
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"{p}: line {n}: invalid JSON at column {e.colno}: {e.msg}") from None
+        s = _loads(p, line, f"line {n}")
         _validate(s, p, n, True)
         out.append(s)
     return out
@@ -132,12 +162,24 @@ def _validate(s: Any, p: Path, pos: int, jsonl: bool) -> None:
             and type(img) is str
             and type(conv) is list
             and all(
-                type(t) is dict and t.get("from") in ROLES and type(t.get("value")) is str for t in conv
+                type(t) is dict and t.get("from") in ROLES and type(t.get("value")) is str
+                and (t["value"].isascii() or _is_unicode(t["value"]))
+                for t in conv
             )
             and ("image" not in s or img.strip())
+            and (img.isascii() or _is_unicode(img))
         ):
             return
     _validate_slow(s, p, f"line {pos}" if jsonl else f"entry {pos}", default_id=f"line{pos}" if jsonl else str(pos))
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str that cannot be UTF-8 encoded (a lone surrogate from a JSON "\\ud800" escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate_slow(s: Any, p: Path, where: str, *, default_id: str) -> None:
@@ -160,6 +202,9 @@ def _validate_slow(s: Any, p: Path, where: str, *, default_id: str) -> None:
             )
         if not img.strip():
             raise AnnotationError(f"{p}: {where} (id {s['id']!r}): 'image' is an empty string")
+        if not _is_unicode(img):
+            raise AnnotationError(f"{p}: {where} (id {s['id']!r}): 'image' is not valid Unicode (a lone "
+                                  f"surrogate escape such as \\ud800): {img!r}")
     conv = s.get("conversations")
     if conv is None:
         s["conversations"] = []
@@ -186,6 +231,9 @@ def _validate_slow(s: Any, p: Path, where: str, *, default_id: str) -> None:
                 f"{p}: {where} (id {s['id']!r}): conversations[{j}]['value'] must be a string, got "
                 f"{'nothing' if 'value' not in turn else 'a JSON ' + _kind(turn['value'])}"
             )
+        if not _is_unicode(turn["value"]):
+            raise AnnotationError(f"{p}: {where} (id {s['id']!r}): conversations[{j}]['value'] is not valid "
+                                  "Unicode (a lone surrogate escape such as \\ud800)")
 
 
 def _scan_dir(root: Path) -> list[dict[str, Any]]:

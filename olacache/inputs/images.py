@@ -21,13 +21,22 @@ Decisions (each differs from, or pins down, what LLaVA's bare ``Image.open(p).co
 - Failures are errors, never silently "repaired": missing file, zero-byte file, not an image, truncated or
   corrupt data (the whole image is decoded with ``load()``; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set,
   which would pad a truncated JPEG with grey), and decompression bombs (more than ``Image.MAX_IMAGE_PIXELS``
-  pixels — Pillow only *warns* up to twice that limit; here the warning level is already an error).
+  pixels — Pillow only *warns* up to twice that limit; here the warning level is already an error), and extreme
+  strips: an aspect ratio beyond ``MAX_ASPECT_RATIO``. The pixel limit alone does not bound memory: a 476-byte
+  1x100000 PNG holds 1e5 pixels, but a shortest-edge resize (CLIP's 224/336) turns it into 224 x 22.4M pixels
+  (~15 GB). With the ratio capped at 100 the largest such intermediate at 336 px is 336 x 33,600 (~34 MB).
+  Both checks run on the header, before any pixel is decoded.
+
+Images named relative to a root go through ``load_under_root``: the file is looked up as written, then in NFC
+and NFD (macOS writes NFD names; the store's keys are NFC), and must resolve, after following symlinks, to a
+file inside the root (a symlink to ``/etc/hostname`` is refused unless the caller allows outside targets).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import unicodedata
 import warnings
 from typing import IO
 
@@ -35,6 +44,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+MAX_ASPECT_RATIO = 100
+"""Longest side / shortest side above which an image is refused (see the module docstring); 400x6 is fine."""
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _16BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -55,22 +67,57 @@ class ImageError(Exception):
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """Decode the image file at ``path`` to an 8-bit RGB image (see the module docstring for the rules)."""
-    p = os.fspath(path)
+    return _load_file(os.fspath(path), os.fspath(path))
+
+
+def resolve_under_root(root: str | os.PathLike[str], rel: str, *, allow_outside: bool = False) -> tuple[str, str]:
+    """Find ``root/rel`` on disk -> (real path to open, the path as found under the root, for messages).
+
+    The name is tried as written, then in NFC and NFD. Raises ``ImageError`` naming the full path tried when no
+    spelling exists ("missing file"), or when the file resolves (through symlinks) outside the root and
+    ``allow_outside`` is False."""
+    root_s = os.path.abspath(os.fspath(root))
+    first = os.path.join(root_s, rel)
+    found = None
+    for cand in dict.fromkeys((rel, unicodedata.normalize("NFC", rel), unicodedata.normalize("NFD", rel))):
+        p = os.path.join(root_s, cand)
+        if os.path.lexists(p):  # False (not an exception) for unencodable names and NULs
+            found = p
+            break
+    if found is None:
+        raise ImageError(first, "missing file")
+    real = os.path.realpath(found)
+    if not allow_outside:
+        root_real = os.path.realpath(root_s)
+        if os.path.commonpath([root_real, real]) != root_real:
+            raise ImageError(found, f"outside the image root {root_real}: resolves to {real} (a symlink?); "
+                                    "allow it explicitly (--allow-outside-root) if that is intended")
+    return real, found
+
+
+def load_under_root(root: str | os.PathLike[str], rel: str, *, allow_outside: bool = False) -> Image.Image:
+    """``load_rgb`` for an image path relative to ``root``: NFC/NFD lookup and the containment check of
+    :func:`resolve_under_root`, then the same decode. Errors name the path under the root."""
+    real, found = resolve_under_root(root, rel, allow_outside=allow_outside)
+    return _load_file(real, found)
+
+
+def _load_file(p: str, name: str) -> Image.Image:
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise ImageError(p, "missing file") from None
-    except OSError as e:
-        raise ImageError(p, f"cannot stat: {e.strerror or e}") from None
+        raise ImageError(name, "missing file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL or an unencodable (lone surrogate) name
+        raise ImageError(name, f"cannot stat: {getattr(e, 'strerror', None) or e}") from None
     if not os.path.isfile(p):
-        raise ImageError(p, "not a regular file")
+        raise ImageError(name, "not a regular file")
     if st.st_size == 0:
-        raise ImageError(p, "zero-byte file")
+        raise ImageError(name, "zero-byte file")
     try:
         fh = open(p, "rb")  # closed by _decode
     except OSError as e:
-        raise ImageError(p, f"unreadable: {e.strerror or e}") from None
-    return _decode(fh, p)
+        raise ImageError(name, f"unreadable: {e.strerror or e}") from None
+    return _decode(fh, name)
 
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -93,6 +140,12 @@ def _decode(fh: IO[bytes], name: str) -> Image.Image:
                 if limit is not None and im.width * im.height > limit:
                     raise ImageError(
                         name, f"decompression bomb: {im.width}x{im.height} pixels exceeds the {limit} limit"
+                    )
+                short, long_ = sorted((im.width, im.height))
+                if short < 1 or long_ > MAX_ASPECT_RATIO * short:
+                    raise ImageError(
+                        name, f"extreme aspect ratio: {im.width}x{im.height} (more than {MAX_ASPECT_RATIO}:1); "
+                        "resizing it would need an unbounded amount of memory"
                     )
                 im.load()  # full decode now: truncation and corrupt data surface here, not later
                 return _to_rgb(im, name)

@@ -21,6 +21,11 @@ def normalize_image_path(path: str) -> str:
     """
     if not isinstance(path, str):
         raise ValueError(f"image path must be a str, got {type(path).__name__}: {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON can carry a lone surrogate ("\\ud800"); no file system can name it, and os.stat would raise
+        raise ValueError(f"image path is not valid Unicode ({e.reason} at character {e.start}): {path!r}") from None
     p = unicodedata.normalize("NFC", path).strip().replace("\\", "/")
     if not p:
         raise ValueError(f"empty image path: {path!r}")

@@ -17,6 +17,14 @@ released model was distilled towards features of a *BGR* image. ``options={"bgr_
 swap (for checkpoint-faithful targets); the default ``False`` feeds RGB, which is what DINOv2 was trained on.
 The switch is part of :meth:`spec`, so stores built either way never mix.
 
+Position embeddings (docs/method.md §3.1): the reference's DINOv2 (facebookresearch/dinov2, used by
+Depth-Anything-V2) brings its 37x37 position-embedding grid to the 24x24 patch grid of a 336-px input with
+``interpolate(scale_factor=((24 + 0.1) / 37, (24 + 0.1) / 37), mode="bicubic", antialias=False)`` (its
+``interpolate_offset = 0.1``), while transformers' Dinov2 uses ``size=(24, 24)``: the sampling grids differ and
+the embeddings differ (cosine 0.978 on random weights). :func:`dinov2_reference_interpolation` installs the
+reference formula on the loaded backbone, so targets do not depend on the installed transformers version;
+``_load`` checks that the backbone really calls it.
+
 Only the DINOv2 backbone is kept after loading; the DPT neck/head are not needed for the target and are dropped
 to save memory (the reference keeps them, and a duplicate head, on every GPU).
 """
@@ -24,6 +32,8 @@ to save memory (the reference keeps them, and a duplicate head, on every GPU).
 from __future__ import annotations
 
 import gc
+import math
+import types
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +43,51 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, ImagePipeline, Teacher, write_pre
 
 IMAGE_SIZE = 336
 """Square input side; 336 / patch 14 = 24 -> 576 tokens, the MLLM's image-token count."""
+
+INTERPOLATE_OFFSET = 0.1
+"""DINOv2's ``interpolate_offset`` (the reference's value; 0 would mean ``size=`` interpolation)."""
+
+
+def reference_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """DINOv2's original ``interpolate_pos_encoding`` on a (1, 1 + M*M, C) table -> (1, 1 + grid_h*grid_w, C).
+
+    Bicubic, ``align_corners=False``, no antialias, ``scale_factor=((h + offset) / M, (w + offset) / M)``,
+    computed in float32 and cast back, as facebookresearch/dinov2 does. Unchanged when the grid already fits."""
+    n = pos_embed.shape[1] - 1
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise ValueError(f"depth teacher: position-embedding table of {n} patches is not a square grid")
+    if grid_h == m and grid_w == m:
+        return pos_embed
+    dtype = pos_embed.dtype
+    pe = pos_embed.float()
+    dim = pe.shape[-1]
+    patch = torch.nn.functional.interpolate(
+        pe[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        scale_factor=((grid_h + INTERPOLATE_OFFSET) / m, (grid_w + INTERPOLATE_OFFSET) / m),
+        mode="bicubic",
+        align_corners=False,
+        antialias=False,
+    )
+    if tuple(patch.shape[-2:]) != (grid_h, grid_w):
+        raise ValueError(f"depth teacher: interpolated grid {tuple(patch.shape[-2:])} != {(grid_h, grid_w)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    return torch.cat((pe[:, :1], patch), dim=1).to(dtype)
+
+
+def dinov2_reference_interpolation(embeddings: torch.nn.Module) -> None:
+    """Replace a transformers ``Dinov2Embeddings``' ``interpolate_pos_encoding`` with the reference's formula
+    (on this instance only). Its call counter lets the caller check that the installed transformers version
+    still goes through this method."""
+    patch = embeddings.patch_embeddings.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+
+    def interpolate_pos_encoding(self: torch.nn.Module, emb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._olakit_interp_calls += 1
+        return reference_pos_embed(self.position_embeddings, height // ph, width // pw)
+
+    embeddings._olakit_interp_calls = 0
+    embeddings.interpolate_pos_encoding = types.MethodType(interpolate_pos_encoding, embeddings)
 
 
 def blocks_from_backbone_config(config: Any) -> list[int]:
@@ -50,6 +105,9 @@ class DepthTeacher(Teacher):
     option_defaults: ClassVar[dict[str, Any]] = {"bgr_quirk": False}
     layout: ClassVar[str] = "(tokens=24*24 row-major patch grid, channels)"
     kind: ClassVar[str | None] = "spatial"
+    # 2: position embeddings interpolated as the reference does (scale_factor with interpolate_offset 0.1);
+    # stores built with 1 (transformers' size=(24, 24)) are refused on resume, naming spec.spec_version
+    spec_version: ClassVar[int] = 2
 
     @classmethod
     def save_tiny(cls, out_dir: Path, seed: int = 0) -> None:
@@ -112,6 +170,14 @@ class DepthTeacher(Teacher):
         if len(self._blocks) != 4:
             # Not fatal for the definition (mean over the output layers), but every DA-v2 checkpoint has 4.
             raise ValueError(f"depth teacher: expected 4 backbone output layers, got {backbone.out_features}")
+        dinov2_reference_interpolation(backbone.embeddings)
+        with torch.no_grad():
+            backbone.embeddings(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        if backbone.embeddings._olakit_interp_calls != 1:
+            raise RuntimeError(
+                "depth teacher: this transformers version no longer calls Dinov2Embeddings."
+                "interpolate_pos_encoding, so the reference position-embedding interpolation cannot be installed"
+            )
 
         steps: list[tuple[Any, ...]] = [("resize", IMAGE_SIZE, IMAGE_SIZE, "bicubic")]
         if self.options["bgr_quirk"]:
@@ -140,6 +206,8 @@ class DepthTeacher(Teacher):
             "tokens": "patch tokens only (CLS/register tokens dropped)",
             "reduction": "mean over the output blocks",
             "grid": [self._grid, self._grid],
+            "pos_embed_interpolation": f"dinov2 original: bicubic, scale_factor=(grid+{INTERPOLATE_OFFSET})/M, "
+                                       "no antialias, fp32",
         }
 
 

@@ -41,13 +41,32 @@ class TimmImageProcessor:
 
 def load_image_processor(cfg: Any) -> Any:
     """The base encoder's image processor (``"tiny"`` -> the preset's CLIPImageProcessor; ``timm:`` -> timm's
-    eval transform wrapped in :class:`TimmImageProcessor`)."""
+    eval transform wrapped in :class:`TimmImageProcessor`).
+
+    A CLIP processor is always the PIL implementation (LLaVA-1.5's, and the one the gen teacher's pipeline
+    reproduces): transformers 5's default ``CLIPImageProcessor`` resizes with torchvision instead, whose bicubic
+    differs from PIL's by up to 0.015 in normalised pixels, so the base encoder would see other pixels than
+    the reference and than the teachers."""
     name = cfg.model.vision
     if name.startswith("timm:"):
         return TimmImageProcessor(name[len("timm:") :].partition("@")[0])
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(resolve("vision", name))
+    source = resolve("vision", name)
+    proc = AutoImageProcessor.from_pretrained(source)
+    if type(proc).__name__ in ("CLIPImageProcessor", "CLIPImageProcessorFast"):
+        return clip_pil_processor(source)
+    return proc
+
+
+def clip_pil_processor(source: Any) -> Any:
+    """The PIL-backed CLIP image processor from ``source``: ``CLIPImageProcessorPil`` (transformers >= 5), or
+    the slow ``CLIPImageProcessor``, which is the PIL one in earlier versions."""
+    try:
+        from transformers import CLIPImageProcessorPil as Pil
+    except ImportError:  # transformers 4: the slow class is the PIL implementation
+        from transformers import CLIPImageProcessor as Pil
+    return Pil.from_pretrained(source)
 
 
 def processor_mean_color(processor: Any) -> tuple[int, int, int]:
