@@ -277,6 +277,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0 = load data in the main process), got {d.num_workers}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or none for torch's default), got {t.cpu_threads}")
     if t.max_steps < 1 or t.batch_size < 1 or t.grad_accum < 1:

@@ -1,7 +1,7 @@
 """``ConversationDataset``: LLaVA conversations (+ images, + cached targets), built lazily in DataLoader workers.
 
 Annotations come from ``olacache.inputs.annotations``, tokens from ``olatrain.data.templates``, pixels from
-``olacache.inputs.images.load_rgb`` + the base encoder's processor (``olatrain.data.pixels``). ``__getitems__``
+``olacache.inputs.images.load_under_root`` + the base encoder's processor (``olatrain.data.pixels``). ``__getitems__``
 builds a whole batch and fetches its targets from the store in ONE ``TargetReader.fetch`` call (sorted,
 de-duplicated rows: the store reads fast only in batches). The rest of the pipeline: ``targets.py`` (which
 samples have usable targets), ``sampler.py`` (which samples a rank gets at a step), ``loader.py`` (collate and
@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from olacache.inputs.annotations import load_annotations
-from olacache.inputs.images import ImageError, load_rgb
+from olacache.inputs.images import ImageError, load_under_root
 from olacache.inputs.keys import normalize_image_path
 from olatrain.config import Config
 from olatrain.data.errors import DataError
@@ -384,13 +384,15 @@ class ConversationDataset(Dataset):
         return ids[:budget], labels[:budget]
 
     def _load_image(self, raw: str, key: str, sid: str) -> Image.Image:
+        # load_under_root: the build's lookup (as written, NFC, NFD) and its containment check (a symlink
+        # leading outside data.image_root is a bad image, as it is a failed row in the store)
         try:
-            return load_rgb(self.image_root / key)
+            return load_under_root(self.image_root, key)
         except ImageError as e:
             if e.reason == "missing file" and raw != key:
-                # the key is normalised (NFC, '/' separators); the file on disk is named as annotated
+                # the key is normalised ('/' separators, '.' dropped); the file on disk is named as annotated
                 try:
-                    return load_rgb(self.image_root / raw)
+                    return load_under_root(self.image_root, raw)
                 except ImageError:
                     pass
             raise _BadImage(sid, key, e.path, e.reason) from None
