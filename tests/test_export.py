@@ -77,7 +77,7 @@ def both(ift_final, exported):
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     hf = LlavaForConditionalGeneration.from_pretrained(exported).eval()
-    proc = AutoProcessor.from_pretrained(exported)
+    proc = AutoProcessor.from_pretrained(exported, backend="pil")  # LLaVA-1.5 pixels: see docs/export.md
     assert isinstance(proc, LlavaProcessor)
     model, tok, oproc, cfg = load_for_inference(ift_final, "cpu")
     return hf, proc, model, tok, oproc, cfg
@@ -170,7 +170,7 @@ def test_square_aspect_is_the_processors_own_resize(ift_final, tmp_path):
     state["config"]["data"]["image_aspect"] = "square"
     (ck / ckpt.STATE).write_text(json.dumps(state))
     export(ck, tmp_path / "sq")
-    proc = AutoProcessor.from_pretrained(tmp_path / "sq")
+    proc = AutoProcessor.from_pretrained(tmp_path / "sq", backend="pil")
     assert proc.image_processor.do_pad is False
     _, _, oproc, _ = load_for_inference(ck, "cpu")
     img = load_rgb(NON_SQUARE)
