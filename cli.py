@@ -271,3 +271,107 @@ def generate_cmd(
     except GenerateError as e:
         _fail(str(e))
     out.print(text)
+
+
+# ============================================================================================ olatrain: research loop
+# probe / sweep / plot / show (issue 8). Each command imports its module lazily; none of them imports a teacher
+# except `show --decode`, through olatrain/show.py (an inspection command, never part of training or probing).
+def _split_sets(sets: list[str] | None) -> tuple[list[str], dict]:
+    """--set items: `probe.<key>=value` are probe settings, the rest override the model's run config."""
+    from olacache.common.configio import parse_overrides
+
+    probe_items = [s for s in sets or [] if s.startswith("probe.")]
+    rest = [s for s in sets or [] if not s.startswith("probe.")]
+    return rest, parse_overrides(probe_items).get("probe", {})
+
+
+@olatrain_app.command("probe")
+def probe_cmd(
+    source: Annotated[Path | None, typer.Argument(help="A run dir (its last stage), <run>/<stage>/final, or any checkpoint dir.")] = None,
+    out_: Annotated[Path, typer.Option("--out", "-o", help="Output directory (probe.json, probe.csv, probe.png, split.json).")] = Path("probe"),
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Probe the untrained model of this run config instead of a checkpoint.")] = None,
+    teachers: Annotated[str | None, typer.Option(help="Comma-separated teachers [default: every teacher in the store].")] = None,
+    layers: Annotated[str, typer.Option(help="all, or a list such as 2,5 or 1-4.")] = "all",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (data.store=..., train.device=...) or a probe setting (probe.steps=200, probe.batch_size=8, probe.eval_fraction=0.2, ...).")] = None,
+) -> None:
+    """Train one probe per (teacher, layer) on the FROZEN model's hidden states against the cached targets and
+    score it by held-out cosine (docs/method.md §9). One LLM forward per batch feeds every probe."""
+    from olatrain.probe import probe_config, run_probe
+    from olatrain.probe_source import ProbeError, resolve_source
+
+    cfg_sets, probe_values = _split_sets(set_)
+    if teachers:
+        probe_values["teachers"] = [t.strip() for t in teachers.split(",") if t.strip()]
+    probe_values.setdefault("layers", layers)
+    try:
+        pc = probe_config(probe_values)
+        src = resolve_source(source, baseline=baseline, sets=cfg_sets)
+        run_probe(src, pc, out_, log=_log)
+    except ProbeError as e:
+        _fail(str(e))
+    if _is_rank0():
+        _print_probe_table(out_)
+
+
+def _print_probe_table(directory: Path) -> None:
+    from olatrain.plots import load_probe
+
+    res = load_probe(directory)
+    by: dict[str, dict[int, float]] = {}
+    for r in res.get("results", []):
+        by.setdefault(r["teacher"], {})[int(r["layer"])] = r["cos"]
+    layers = sorted({la for v in by.values() for la in v})
+    tab = Table(title=f"held-out probe cosine ({res['split']['n_eval']} eval images)")
+    tab.add_column("teacher")
+    for la in layers:
+        tab.add_column(f"L{la}", justify="right")
+    for t, v in sorted(by.items()):
+        tab.add_row(t, *[f"{v[la]:.3f}" if la in v else "-" for la in layers])
+    out.print(tab)
+
+
+plot_app = typer.Typer(help="Draw loss curves of runs, or probe curves of probe outputs.", no_args_is_help=True,
+                       add_completion=False, pretty_exceptions_enable=False)
+olatrain_app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("run")
+def plot_run_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    out_: Annotated[Path | None, typer.Option("--out", "-o", help="Comparison PNG (several runs) [default: runs_compare.png].")] = None,
+) -> None:
+    """One run: redraw its per-stage loss PNGs and summary.json. Several: one figure comparing their curves."""
+    from olatrain.report import ReportError, compare_runs, summarize_run
+
+    try:
+        if len(runs) == 1 and out_ is None:
+            for line in summarize_run(runs[0]).lines():
+                console.print(line, markup=False, highlight=False)
+            return
+        path = compare_runs(runs, out_ or Path("runs_compare.png"))
+    except ReportError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}", markup=False)
+
+
+@plot_app.command("probe")
+def plot_probe_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Probe output directories (or probe.json files).")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("probe_compare.png"),
+    labels: Annotated[str | None, typer.Option(help="Comma-separated legend labels [default: directory names].")] = None,
+) -> None:
+    """Probe curves of several models in one figure: one panel per teacher, one line per model."""
+    from olatrain.plots import load_probe, probe_figure
+
+    names = [s.strip() for s in labels.split(",")] if labels else [d.name if d.is_dir() else d.parent.name for d in dirs]
+    if len(names) != len(dirs):
+        _fail(f"--labels has {len(names)} names for {len(dirs)} directories")
+    entries = []
+    for name, d in zip(names, dirs, strict=True):
+        try:
+            entries.append((name, load_probe(d)))
+        except (OSError, ValueError) as e:
+            _fail(f"{d}: not a probe output (no readable probe.json): {e}")
+    out_.parent.mkdir(parents=True, exist_ok=True)
+    probe_figure(entries, out_, title="probe cosine vs layer")
+    console.print(f"wrote {out_}", markup=False)
