@@ -134,6 +134,11 @@ class TrainConfig:
     # On a small shared machine fewer is faster: OpenMP threads spin-wait, and 2 threads on 2 cores with any other
     # busy process made the tiny run ~6x slower than 1 thread (configs/tiny.yaml sets 1)
     cpu_threads: int | None = None
+    # experiment trackers that get the same rows as metrics.jsonl: [tensorboard] and/or [wandb] (optional extras,
+    # imported only when listed; olatrain/tracking.py)
+    report_to: list[str] = field(default_factory=list)
+    # end `olatrain run` with the run summary (<run>/summary.json, printed) and loss PNGs per stage (report.py)
+    summary: bool = True
 
 
 @dataclass
@@ -197,6 +202,7 @@ def load_run(path: str | Path | None, overrides: list[str] | None = None) -> Run
         merged.setdefault("train", {})["stage"] = name
         cfg = build_dataclass(Config, merged, "config")
         validate(cfg)
+        validate_report_to(cfg)
         configs[name] = cfg
     return RunSpec(stages=list(stages_raw), configs=configs, raw={**raw, "stages": stages_raw})
 
@@ -231,6 +237,12 @@ def validate(cfg: Config) -> None:
                 f"model.spatial_queries ({cfg.model.spatial_queries}) must be divisible by "
                 f"model.task_tokens.{name} ({n}): the inserted tokens are group means"
             )
+
+
+def validate_report_to(cfg: Config) -> None:
+    bad = [x for x in cfg.train.report_to if x not in ("tensorboard", "wandb")]
+    if bad:
+        raise ConfigError(f"train.report_to: unknown tracker(s) {bad}; choose from [tensorboard, wandb]")
 
 
 def dump(cfg: Config) -> str:

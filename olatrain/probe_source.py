@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from olatrain import checkpoint as ckpt
-from olatrain.config import STAGES, Config, ConfigError, config_from_dict, deep_merge, load_run, parse_overrides
+from olatrain.config import (
+    STAGES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    deep_merge,
+    load_run,
+    parse_overrides,
+)
 from olatrain.config import validate as validate_config
 
 
