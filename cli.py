@@ -375,3 +375,63 @@ def plot_probe_cmd(
     out_.parent.mkdir(parents=True, exist_ok=True)
     probe_figure(entries, out_, title="probe cosine vs layer")
     console.print(f"wrote {out_}", markup=False)
+
+
+@olatrain_app.command("sweep")
+def sweep_cmd(
+    sweep_file: Annotated[Path, typer.Argument(help="SWEEP.yaml: base, stages, set, grid, runs, probe.")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="Sweep directory: one sub-directory per run, summary.csv/json, losses.png, probe.png.")],
+    shard: Annotated[str | None, typer.Option(help="K/N: run every N-th run starting at the K-th (array jobs).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs (name, status, overrides) and exit.")] = False,
+) -> None:
+    """Train (and probe) every run of an ablation grid on the same store; finished runs are never re-run,
+    failed ones are recorded and do not stop the others."""
+    from olatrain.sweep import SweepError, dry_run_lines, load_sweep, parse_shard, run_sweep
+
+    try:
+        sweep = load_sweep(sweep_file)
+        k_n = parse_shard(shard)
+    except SweepError as e:
+        _fail(str(e))
+    if dry_run:
+        for line in dry_run_lines(sweep, out_, k_n):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        run_sweep(sweep, out_, shard=k_n, log=_log)
+    except SweepError as e:
+        _fail(str(e))
+    if not _is_rank0():
+        return
+    from olatrain.sweep_summary import write_summary
+
+    _print_sweep_table(write_summary(sweep, out_), out_)
+
+
+def _print_sweep_table(summary: dict, directory: Path) -> None:
+    from olatrain.sweep_summary import fmt, human_bytes
+
+    rows = summary["runs"]
+    stages = [s for r in rows for s in r["stages"]]
+    first = stages[0] if stages else None
+    terms = sorted({k for r in rows for k in (r["stages"].get(first, {}).get("final", {}) if first else {})
+                    if k in ("loss", "loss_ce") or k.count("_") == 1})
+    teachers = sorted({t for r in rows for t in (r["probe"] or {})})
+    tab = Table(title=f"sweep {Path(summary['sweep']).name}: {summary['totals']['done']}/{len(rows)} done")
+    tab.caption = (f"final {first} loss terms" if first else "") + (", mean probe cosine over the probed layers"
+                                                                     if teachers else "")
+    for c in ("run", "status", "wall s", *[t.removeprefix("loss_") for t in terms], *[f"cos {t}" for t in teachers]):
+        tab.add_column(c, no_wrap=True)
+    for r in rows:
+        final = r["stages"].get(first, {}).get("final", {}) if first else {}
+        wall = f"{r['wall_s']:.1f}" if isinstance(r["wall_s"], (int, float)) else "-"
+        tab.add_row(r["name"], r["status"] + (f": {r['error']}" if r["error"] else ""), wall,
+                    *[fmt(final.get(t)) for t in terms],
+                    *[fmt((r["probe"] or {}).get(t, {}).get("mean")) for t in teachers])
+    out.print(tab)
+    tot = summary["totals"]
+    out.print(f"teachers built or run: 0; teacher forwards avoided (target rows read from the store): "
+              f"{tot['teacher_forwards_avoided']:,}; store bytes read: {human_bytes(tot['store_bytes_read'])}",
+              markup=False, highlight=False)
+    out.print(f"wrote {directory / 'summary.csv'}, summary.json, losses.png"
+              + (", probe.png" if teachers else ""), markup=False, highlight=False)

@@ -54,11 +54,11 @@ def loss_figure(curves: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: Any
     nr, nc = _grid(len(terms))
     fig, axes = plt.subplots(nr, nc, figsize=(4.6 * nc, 3.4 * nr), squeeze=False)
     for ax, term in zip(axes.flat, terms, strict=False):
-        for label, rows in curves:
+        for i, (label, rows) in enumerate(curves):  # colour by curve: the same run has one colour everywhere
             pts = [(r["step"], r[term]) for r in rows if r.get(term) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
+                ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label, color=f"C{i % 10}")
         ax.set_title(term)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -96,11 +96,11 @@ def probe_figure(entries: Sequence[tuple[str, dict[str, Any]]], out: Any, *, tit
     teachers = teachers or ["-"]
     fig, axes = plt.subplots(1, len(teachers), figsize=(4.8 * len(teachers), 3.8), squeeze=False)
     for ax, t in zip(axes.flat, teachers, strict=True):
-        for label, res in entries:
+        for i, (label, res) in enumerate(entries):
             pts = _probe_rows(res).get(t)
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=label)
+                ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
         _probe_axes(ax, f"{t}: held-out cosine")
     fig.suptitle(title)
     _save(fig, out)
