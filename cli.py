@@ -435,3 +435,25 @@ def _print_sweep_table(summary: dict, directory: Path) -> None:
               markup=False, highlight=False)
     out.print(f"wrote {directory / 'summary.csv'}, summary.json, losses.png"
               + (", probe.png" if teachers else ""), markup=False, highlight=False)
+
+
+@olatrain_app.command("show")
+def show_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A PT checkpoint (<run>/pt/final) or a run dir whose last stage is PT.")],
+    image: Annotated[Path, typer.Option("--image", help="An image file under the run's data.image_root (in the store).")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("show.png"),
+    key: Annotated[str | None, typer.Option(help="The image's path as stored, if the file is not under data.image_root.")] = None,
+    decode: Annotated[bool, typer.Option("--decode", help="Also decode target and predicted depth features through the depth teacher's DPT head (loads the teacher).")] = False,
+    teacher_source: Annotated[str | None, typer.Option(help="Depth teacher checkpoint for --decode [default: the store's record].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. data.store=...")] = None,
+) -> None:
+    """Cached target vs predicted embedding per spatial teacher and predictor layer, as feature maps in a
+    shared PCA colour space, with the cosine of each map."""
+    from olatrain.probe_source import ProbeError
+    from olatrain.show import show
+
+    try:
+        path = show(checkpoint, image, out_, sets=set_, key=key, decode=decode, teacher_source=teacher_source)
+    except ProbeError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}", markup=False)
