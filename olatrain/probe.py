@@ -104,8 +104,8 @@ def parse_layers(spec: Any, n_layers: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- the split
 def split_images(keys: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split BY IMAGE: images ordered by sha256(seed, key), the first round(f * n) held out.
-    The order depends only on the key and the seed, so adding images never moves another image across."""
+    """Deterministic split BY IMAGE: unique images ordered by sha256(seed, key), the first round(f * n) held out
+    (at least one, and at least one left to train on). Independent of the input order and of duplicates."""
     uniq = sorted(set(keys))
     order = sorted(uniq, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
     n_eval = min(len(uniq) - 1, max(1, round(eval_fraction * len(uniq)))) if len(uniq) > 1 else 0
