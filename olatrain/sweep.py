@@ -72,7 +72,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v) if not v.is_integer() else str(int(v)) if abs(v) < 1e15 else repr(v)
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
     if isinstance(v, (list, tuple)):
         return "-".join(_fmt(x) for x in v) or "none"
     if isinstance(v, dict):

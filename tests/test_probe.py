@@ -261,3 +261,25 @@ def test_probe_and_sweep_commands_import_no_teacher(store, pt_run, tmp_path):
     assert "olatrain.probe" in modules and "olatrain.sweep" in modules and "olacache.store" in modules
     assert (tmp_path / "p" / "probe.json").is_file()
     assert (tmp_path / "sw" / "one" / "probe" / "probe.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- trackers
+
+
+def test_report_to_tensorboard_logs_the_metrics_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from olatrain.config import ConfigError
+    from olatrain.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", 0, report_to=["tensorboard"])
+    for step in (1, 2):
+        log.write({"step": step, "stage": "pt", "loss": 3.0 / step, "loss_ce": 2.0, "grad_norm": None})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 3.0), (2, 1.5)]
+    assert "grad_norm" not in acc.Tags()["scalars"]  # only numbers are sent
+    with pytest.raises(ConfigError, match="report_to"):
+        load_run(TINY, ["train.report_to=[mlflow]"])
