@@ -273,7 +273,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def train_probes(job: ProbeJob, log: Callable[[str], None]) -> tuple[nn.ModuleDict, dict[str, list[float]],
                                                                      dict[str, float]]:
     from olatrain.data import build_dataloader
-    from olatrain.losses import embedding_loss, logit_scale
     from olatrain.train import cosine_with_warmup
 
     pc, rt, model = job.pc, job.rt, job.model
@@ -312,17 +311,7 @@ def train_probes(job: ProbeJob, log: Callable[[str], None]) -> tuple[nn.ModuleDi
         with torch.autocast(rt.device.type, dtype=job.amp or torch.float32, enabled=job.amp is not None):
             hs, valid, _ = frozen_hidden_states(model, batch, layers)
         t1 = time.perf_counter()
-        total = None
-        step_losses = {}
-        with torch.autocast(rt.device.type, dtype=job.amp or torch.float32, enabled=job.amp is not None):
-            for t, layer in job.pairs:
-                k = _key(t, layer)
-                pred = heads[k](hs[layer], valid)
-                el = embedding_loss(pred, batch["targets"][t], batch["target_mask"][t],
-                                    logit_scale(heads[k].log_scale), pc.contrastive_weight, pc.smooth_l1_beta)
-                total = el.total if total is None else total + el.total
-                step_losses[k] = float(el.total.detach())
-        total.backward()
+        step_losses = probe_backward(heads, job.pairs, hs, valid, batch, pc, job.amp)
         if rt.distributed:  # the mean of the ranks' gradients, as DDP would give
             for p in params:
                 if p.grad is not None:
@@ -347,6 +336,28 @@ def train_probes(job: ProbeJob, log: Callable[[str], None]) -> tuple[nn.ModuleDi
         rt.barrier()
     n = max(1, pc.steps - start)
     return heads, losses, {"frozen_forward_s_per_step": t_fwd / n, "probes_s_per_step": t_probe / n}
+
+
+def probe_backward(heads: nn.ModuleDict, pairs: list[tuple[str, int]], hs: dict[int, torch.Tensor],
+                   valid: torch.Tensor, batch: dict[str, Any], pc: ProbeConfig, amp: torch.dtype | None
+                   ) -> dict[str, float]:
+    """Every probe's loss on one batch of captured hidden states, summed and back-propagated (into the probes
+    only: the hidden states come from a no-grad forward); -> {pair key: loss}."""
+    from olatrain.losses import embedding_loss, logit_scale
+
+    total = None
+    losses = {}
+    dev = valid.device.type
+    with torch.autocast(dev, dtype=amp or torch.float32, enabled=amp is not None):
+        for t, layer in pairs:
+            k = _key(t, layer)
+            pred = heads[k](hs[layer], valid)
+            el = embedding_loss(pred, batch["targets"][t], batch["target_mask"][t], logit_scale(heads[k].log_scale),
+                                pc.contrastive_weight, pc.smooth_l1_beta)
+            total = el.total if total is None else total + el.total
+            losses[k] = float(el.total.detach())
+    total.backward()
+    return losses
 
 
 @torch.no_grad()
