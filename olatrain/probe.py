@@ -63,8 +63,13 @@ class ProbeConfig:
     save_every: int = 100  # probe state for a resumed run; 0 = only the results at the end
     num_workers: int | None = None  # None = the run's data.num_workers
     device: str = "auto"
+    # what the model reads with each image: "fixed" = the paper's probing prompt, the same for every image
+    # (docs/method.md §9: no caption can leak into the probes); "dataset" = the image's first conversation
+    prompt: str = "fixed"
 
 
+# the reference's probe prompt (image first, a one-token dummy answer)
+FIXED_PROMPT = [{"from": "human", "value": "<image>\nDescribe the image in two lines."}, {"from": "gpt", "value": "n"}]
 # settings that do not change a probe's result (they may differ between a run and its resumption)
 _NOT_IN_FINGERPRINT = ("teachers", "layers", "save_every", "num_workers", "device")
 
@@ -76,6 +81,8 @@ def probe_config(values: dict[str, Any] | None) -> ProbeConfig:
         raise ProbeError(str(e)) from None
     if pc.steps < 1 or pc.batch_size < 1:
         raise ProbeError("probe.steps and probe.batch_size must be >= 1")
+    if pc.prompt not in ("fixed", "dataset"):
+        raise ProbeError(f"probe.prompt must be 'fixed' or 'dataset', got {pc.prompt!r}")
     if not 0.0 < pc.eval_fraction < 1.0:
         raise ProbeError(f"probe.eval_fraction must be in (0, 1), got {pc.eval_fraction}")
     return pc
@@ -212,6 +219,20 @@ def prepare(src: Source, pc: ProbeConfig, out: Path, log: Callable[[str], None])
     except DataError as e:
         raise ProbeError(str(e)) from None
     first = one_sample_per_image(dataset)
+    if pc.prompt == "fixed" and first:
+        # the usable images, each once, with the fixed prompt: a small annotation file beside the results
+        ann = out / "probe_samples.json"
+        if rt.main:
+            samples = [{"id": f"probe-{i}", "image": k, "conversations": FIXED_PROMPT}
+                       for i, k in enumerate(sorted(first))]
+            _atomic_bytes(ann, lambda p: p.write_text(json.dumps(samples)))
+        rt.barrier()
+        cfg.data.annotations = str(ann)
+        try:
+            dataset = ConversationDataset(cfg, tokenizer, dataset.image_processor, reader, teachers)
+        except DataError as e:
+            raise ProbeError(str(e)) from None
+        first = one_sample_per_image(dataset)
     train_keys, eval_keys = split_images(list(first), pc.eval_fraction, pc.split_seed)
     if not eval_keys or len(train_keys) < pc.batch_size * rt.world:
         raise ProbeError(f"{len(first)} images with targets cannot give a held-out set and a training batch of "
