@@ -283,3 +283,28 @@ def test_report_to_tensorboard_logs_the_metrics_rows(tmp_path):
     assert "grad_norm" not in acc.Tags()["scalars"]  # only numbers are sent
     with pytest.raises(ConfigError, match="report_to"):
         load_run(TINY, ["train.report_to=[mlflow]"])
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+
+def test_probe_ddp_two_ranks_match_single_process(pt_run, tmp_path):
+    """torchrun 2 x batch 1 (gloo) vs 1 process x batch 2: the same global batches, averaged gradients, InfoNCE
+    over the gathered batch, eval sums all-reduced -> the same scores; rank 0 alone writes."""
+    settings = {**FAST, "teachers": ["gen", "depth"], "layers": [2], "steps": 3}
+    single = tmp_path / "single"
+    run_probe(resolve_source(pt_run), probe_config({**settings, "batch_size": 2}), single, log=_quiet)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "olatrain",
+           "probe", str(pt_run), "--out", str(tmp_path / "ddp"), "--teachers", "gen,depth", "--layers", "2",
+           *[x for k, v in {**settings, "batch_size": 1}.items() if k not in ("teachers", "layers")
+             for x in ("--set", f"probe.{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    a = json.loads((single / "probe.json").read_text())
+    b = json.loads((tmp_path / "ddp" / "probe.json").read_text())
+    assert b["cost"]["world"] == 2 and b["split"] == a["split"]
+    for ra, rb in zip(a["results"], b["results"], strict=True):
+        assert (ra["teacher"], ra["layer"], ra["n_eval"]) == (rb["teacher"], rb["layer"], rb["n_eval"])
+        assert rb["cos"] == pytest.approx(ra["cos"], rel=1e-4, abs=1e-5)
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4, abs=1e-5)
