@@ -79,7 +79,7 @@ def resolve_source(path: Path | None, *, baseline: Path | None = None, sets: lis
     """The model to probe: a trained checkpoint (``path``) or, with ``baseline``, the untrained model a config
     describes (its last stage's settings, no weights loaded beyond the base encoder and LLM)."""
     if (path is None) == (baseline is None):
-        raise ProbeError("give either a run/checkpoint directory or --baseline CONFIG (not both)")
+        raise ProbeError("give exactly one of: a run or checkpoint directory, or --baseline CONFIG")
     if baseline is not None:
         try:
             spec = load_run(baseline, sets)

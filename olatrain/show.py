@@ -75,8 +75,8 @@ def collect(checkpoint: Path, image: Path, sets: list[str] | None = None, key: s
     src = resolve_source(ck, sets=sets)
     cfg = src.cfg
     if cfg.train.stage != "pt" or not cfg.teachers:
-        raise ProbeError(f"{ck} is a {cfg.train.stage} checkpoint without predictors; show needs a PT checkpoint "
-                         "with embedding losses, e.g. <run>/pt/final")
+        raise ProbeError(f"{ck} has no predictors (stage {cfg.train.stage}, embedding losses: {cfg.teachers or 'none'})"
+                         "; show needs a PT checkpoint trained with embedding losses, e.g. <run>/pt/final")
     if not cfg.data.store:
         raise ProbeError("the checkpoint's config has no data.store; pass --set data.store=STORE")
     if key is None:
