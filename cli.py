@@ -359,6 +359,7 @@ def plot_probe_cmd(
     dirs: Annotated[list[Path], typer.Argument(help="Probe output directories (or probe.json files).")],
     out_: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("probe_compare.png"),
     labels: Annotated[str | None, typer.Option(help="Comma-separated legend labels [default: directory names].")] = None,
+    title: Annotated[str, typer.Option(help="Figure title.")] = "probe cosine vs layer",
 ) -> None:
     """Probe curves of several models in one figure: one panel per teacher, one line per model."""
     from olatrain.plots import load_probe, probe_figure
@@ -373,7 +374,7 @@ def plot_probe_cmd(
         except (OSError, ValueError) as e:
             _fail(f"{d}: not a probe output (no readable probe.json): {e}")
     out_.parent.mkdir(parents=True, exist_ok=True)
-    probe_figure(entries, out_, title="probe cosine vs layer")
+    probe_figure(entries, out_, title=title)
     console.print(f"wrote {out_}", markup=False)
 
 
