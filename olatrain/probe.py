@@ -258,10 +258,34 @@ def prepare(src: Source, pc: ProbeConfig, out: Path, log: Callable[[str], None])
                     np.array([first[k] for k in eval_keys], dtype=np.int64), fp, previous)
 
 
+def _finished(src: Source, pc: ProbeConfig, out: Path) -> dict[str, Any] | None:
+    """probe.json's content when it already holds every requested pair for this model and these settings."""
+    path = out / "probe.json"
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("fingerprint") != _fingerprint(src, pc) or not src.cfg.data.store:
+        return None  # prepare() refuses a foreign directory with the full message
+    from olacache.store import StoreError, TargetReader
+
+    try:
+        teachers = TargetReader(src.cfg.data.store, pc.teachers or None).teachers
+        layers = parse_layers(pc.layers, int(previous["model"]["n_layers"]))
+    except (StoreError, ProbeError, KeyError, ValueError):
+        return None
+    done = {(r["teacher"], r["layer"]) for r in previous.get("results", [])}
+    return previous if all((t, la) in done for t in teachers for la in layers) else None
+
+
 def run_probe(src: Source, pc: ProbeConfig, out: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Probe ``src`` and write DIR/probe.json, probe.csv, probe.png, split.json; -> the probe.json content."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _finished(src, pc, out)
+    if previous is not None:  # decided from probe.json + the store's teacher list: no model, no data loaded
+        if os.environ.get("RANK", "0") == "0":
+            log(f"[probe] {out}: every requested (teacher, layer) is already in probe.json; nothing to do")
+        return previous
     job = prepare(src, pc, out, log)
     rt = job.rt
     if not job.pairs:
