@@ -13,7 +13,7 @@ from typing import Any
 MAIN_TERMS = ("loss", "loss_ce")
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless: no display, same output everywhere
@@ -22,10 +22,10 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, out: Any) -> None:
+def save_figure(fig: Any, out: Any) -> None:
     fig.tight_layout()
     fig.savefig(out, format="png", dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def loss_terms(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -46,7 +46,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 def loss_figure(curves: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: Any, *, title: str) -> None:
     """One panel per loss term, one line per curve (label, metrics rows); x = step."""
-    plt = _plt()
+    plt = pyplot()
     terms: list[str] = []
     for _, rows in curves:
         terms += [t for t in loss_terms(rows) if t not in terms]
@@ -67,7 +67,7 @@ def loss_figure(curves: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: Any
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
     fig.suptitle(title)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _probe_rows(result: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -80,7 +80,7 @@ def _probe_rows(result: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 def probe_figure(entries: Sequence[tuple[str, dict[str, Any]]], out: Any, *, title: str) -> None:
     """Probe cosine vs layer. One model: one axis, one line per teacher. Several: one panel per teacher (as in
     the paper's figure), one line per model."""
-    plt = _plt()
+    plt = pyplot()
     if len(entries) == 1:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for t, pts in _probe_rows(entries[0][1]).items():
@@ -88,7 +88,7 @@ def probe_figure(entries: Sequence[tuple[str, dict[str, Any]]], out: Any, *, tit
             ax.plot(xs, ys, marker="o", label=t)
         _probe_axes(ax, "held-out cosine (probe output vs target)")
         fig.suptitle(title)
-        _save(fig, out)
+        save_figure(fig, out)
         return
     teachers: list[str] = []
     for _, res in entries:
@@ -103,7 +103,7 @@ def probe_figure(entries: Sequence[tuple[str, dict[str, Any]]], out: Any, *, tit
                 ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
         _probe_axes(ax, f"{t}: held-out cosine")
     fig.suptitle(title)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _probe_axes(ax: Any, title: str) -> None:

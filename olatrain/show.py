@@ -151,9 +151,9 @@ def decode_depth(maps: list[np.ndarray], store: str, source: str | None = None) 
 
 
 def draw(shown: Shown, out: Path, *, decoded: dict[str, list[np.ndarray]] | None = None, title: str = "") -> None:
-    from olatrain.plots import _plt, _save
+    from olatrain.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     spatial = [t for t in shown.preds if shown.kinds.get(t) == "spatial"]
     rows = [(t, "features") for t in spatial] + [(t, "decoded") for t in (decoded or {})]
     ncols = 2 + max([len(shown.preds[t]) for t in spatial] or [0])
@@ -178,7 +178,7 @@ def draw(shown: Shown, out: Path, *, decoded: dict[str, list[np.ndarray]] | None
     glob = [f"{t} L{la} cos {_cos(p, shown.targets[t]):.3f}" for t in shown.preds if t not in spatial
             for la, p in shown.preds[t].items()]
     fig.suptitle(title + ("\n" + "; ".join(glob) if glob else ""), fontsize=10)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def show(checkpoint: Path, image: Path, out: Path, *, sets: list[str] | None = None, key: str | None = None,

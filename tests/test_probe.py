@@ -222,6 +222,11 @@ def test_show_writes_a_png(store, pt_cfg, tmp_path):
 
     out = show(run, EXAMPLES / "images" / "chelsea.jpg", tmp_path / "show.png")
     assert out.read_bytes()[:8] == PNG
+    # --decode: through the depth teacher's own DPT head (the inspection command may load the teacher)
+    out = show(run, EXAMPLES / "images" / "chelsea.jpg", tmp_path / "decoded.png", decode=True)
+    assert out.read_bytes()[:8] == PNG
+    with pytest.raises(ProbeError, match="not in store|not under"):
+        show(run, ROOT / "README.md", tmp_path / "x.png")
 
 
 # ----------------------------------------------------------------------------------------------- boundary
