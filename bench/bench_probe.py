@@ -88,7 +88,8 @@ def main() -> None:
     from olatrain.data import ConversationDataset, collate, load_image_processor
     from olatrain.model import TargetSpec
     from olatrain.presets import load_tokenizer, tiny_tokenizer_dir
-    from olatrain.probe import ProbeHead, _key, probe_backward, probe_config
+    from olatrain.probe import ProbeHead, probe_backward, probe_config
+    from olatrain.probe_outputs import pair_key
     from olatrain.probe_source import Source, frozen_hidden_states, load_frozen_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_probe_"))
@@ -133,7 +134,7 @@ def main() -> None:
         layers = all_layers[:k]
         pairs = [(t, la) for t in reader.teachers for la in layers]
         torch.manual_seed(0)
-        heads = torch.nn.ModuleDict({_key(t, la): ProbeHead(model.hidden_size, *reader.shapes[t], pc)
+        heads = torch.nn.ModuleDict({pair_key(t, la): ProbeHead(model.hidden_size, *reader.shapes[t], pc)
                                      for t, la in pairs})
         popt = torch.optim.AdamW(heads.parameters(), lr=1e-3)
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from olacache.common.configio import ConfigError, build_dataclass
+from olatrain.probe_outputs import assemble_result, atomic_write, pair_key, write_outputs
 from olatrain.probe_source import ProbeError, Source, frozen_hidden_states, load_frozen_model
 
 STATE_FILE = "probe_state.pt"
@@ -148,16 +149,6 @@ class ProbeHead(nn.Module):
         return self.resampler(h, self.queries, mask)
 
 
-def _key(t: str, layer: int) -> str:
-    return f"{t}@{layer}"
-
-
-def _atomic_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- run
 @dataclass
 class ProbeJob:
@@ -225,7 +216,7 @@ def prepare(src: Source, pc: ProbeConfig, out: Path, log: Callable[[str], None])
         if rt.main:
             samples = [{"id": f"probe-{i}", "image": k, "conversations": FIXED_PROMPT}
                        for i, k in enumerate(sorted(first))]
-            _atomic_bytes(ann, lambda p: p.write_text(json.dumps(samples)))
+            atomic_write(ann, lambda p: p.write_text(json.dumps(samples)))
         rt.barrier()
         cfg.data.annotations = str(ann)
         try:
@@ -323,7 +314,7 @@ def train_probes(job: ProbeJob, log: Callable[[str], None]) -> tuple[nn.ModuleDi
     pc, rt, model = job.pc, job.rt, job.model
     torch.manual_seed(pc.seed)
     heads = nn.ModuleDict({
-        _key(t, layer): ProbeHead(model.hidden_size, job.reader.shapes[t][0], job.reader.shapes[t][1], pc)
+        pair_key(t, layer): ProbeHead(model.hidden_size, job.reader.shapes[t][0], job.reader.shapes[t][1], pc)
         for t, layer in job.pairs
     }).to(rt.device)
     params = list(heads.parameters())
@@ -377,7 +368,7 @@ def train_probes(job: ProbeJob, log: Callable[[str], None]) -> tuple[nn.ModuleDi
             st = {"step": done, "heads": heads.state_dict(), "optimizer": opt.state_dict(),
                   "scheduler": sched.state_dict(), "losses": losses, "fingerprint": job.fingerprint,
                   "pairs": [list(p) for p in job.pairs]}
-            _atomic_bytes(state_path, lambda p, st=st: torch.save(st, p))
+            atomic_write(state_path, lambda p, st=st: torch.save(st, p))
         rt.barrier()
     n = max(1, pc.steps - start)
     return heads, losses, {"frozen_forward_s_per_step": t_fwd / n, "probes_s_per_step": t_probe / n}
@@ -395,7 +386,7 @@ def probe_backward(heads: nn.ModuleDict, pairs: list[tuple[str, int]], hs: dict[
     dev = valid.device.type
     with torch.autocast(dev, dtype=amp or torch.float32, enabled=amp is not None):
         for t, layer in pairs:
-            k = _key(t, layer)
+            k = pair_key(t, layer)
             pred = heads[k](hs[layer], valid)
             el = embedding_loss(pred, batch["targets"][t], batch["target_mask"][t], logit_scale(heads[k].log_scale),
                                 pc.contrastive_weight, pc.smooth_l1_beta)
@@ -421,7 +412,7 @@ def evaluate(job: ProbeJob, heads: nn.ModuleDict) -> dict[str, dict[str, float]]
     chunks = [list(range(i, min(i + pc.batch_size, len(mine)))) for i in range(0, len(mine), pc.batch_size)]
     loader = DataLoader(eval_set, batch_sampler=chunks, collate_fn=lambda items: collate(items, eval_set.pad_id))
     layers = sorted({layer for _, layer in job.pairs})
-    keys = [_key(t, layer) for t, layer in job.pairs]
+    keys = [pair_key(t, layer) for t, layer in job.pairs]
     sums = torch.zeros(len(keys), 3, dtype=torch.float64)  # sum cos, sum cos^2, n
     for batch in loader:
         batch = _to_device(batch, rt.device)
@@ -445,54 +436,3 @@ def evaluate(job: ProbeJob, heads: nn.ModuleDict) -> dict[str, dict[str, float]]
         out[k] = {"cos": mean, "cos_std": math.sqrt(max(0.0, sq / n - mean * mean)) if n else float("nan"),
                   "n_eval": int(n)}
     return out
-
-
-def assemble_result(job: ProbeJob, scores: dict[str, dict[str, float]], losses: dict[str, list[float]],
-                    timing: dict[str, float], wall: float) -> dict[str, Any]:
-    pc = job.pc
-    tail = max(1, pc.steps // 10)
-    rows = list((job.previous or {}).get("results", []))
-    for t, layer in job.pairs:
-        k = _key(t, layer)
-        rows.append({"teacher": t, "layer": layer, **scores[k], "n_train": len(job.train_keys),
-                     "train_loss": float(np.mean(losses[k][-tail:])) if losses[k] else None,
-                     "steps": pc.steps})
-    rows.sort(key=lambda r: (r["teacher"], r["layer"]))
-    split_hash = hashlib.sha256("\n".join(job.eval_keys).encode()).hexdigest()[:16]
-    return {
-        "results": rows,
-        "model": {**job.src.describe(), "n_layers": job.model.n_layers, "hidden_size": job.model.hidden_size},
-        "split": {"by": "image", "seed": pc.split_seed, "eval_fraction": pc.eval_fraction,
-                  "n_train": len(job.train_keys), "n_eval": len(job.eval_keys), "eval_sha256": split_hash,
-                  "file": "split.json"},
-        "settings": dataclasses.asdict(pc),
-        "fingerprint": job.fingerprint,
-        "cost": {"wall_s": wall, "probes": len(job.pairs), "world": job.rt.world, **timing,
-                 "teacher_forwards": 0},
-    }
-
-
-CSV_COLUMNS = ("teacher", "layer", "cos", "cos_std", "n_eval", "n_train", "train_loss", "steps")
-
-
-def write_outputs(out: Path, result: dict[str, Any], job: ProbeJob | None = None) -> None:
-    """probe.json, probe.csv, probe.png (+ split.json with the image lists), each written atomically."""
-    import csv
-    import io
-
-    from olatrain.plots import probe_figure
-
-    if job is not None:
-        split = {"train": job.train_keys, "eval": job.eval_keys, **{k: v for k, v in result["split"].items()
-                                                                     if k != "file"}}
-        _atomic_bytes(out / "split.json", lambda p: p.write_text(json.dumps(split, indent=1)))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(result["results"])
-    _atomic_bytes(out / "probe.csv", lambda p: p.write_text(buf.getvalue()))
-    title = f"probe cosine vs layer: {result['model'].get('label', out.name)}"
-    _atomic_bytes(out / "probe.png", lambda p: probe_figure([(result["model"].get("label", out.name), result)],
-                                                            p, title=title))
-    # probe.json last: its presence means the outputs are complete
-    _atomic_bytes(out / "probe.json", lambda p: p.write_text(json.dumps(result, indent=1, default=str)))
