@@ -589,3 +589,195 @@ def plan_cmd(
     spec = load_run(config, set_)
     rows = plan_run(spec, gpus, cuda=True, seq=seq_len)
     out.print(format_table(rows, gpu_mem, gpus, seq_len), markup=False, highlight=False)
+
+
+# ============================================================================================ olatrain: research loop
+# probe / sweep / plot / show (issue 8). Each command imports its module lazily; none of them imports a teacher
+# except `show --decode`, through olatrain/show.py (an inspection command, never part of training or probing).
+def _split_sets(sets: list[str] | None) -> tuple[list[str], dict]:
+    """--set items: `probe.<key>=value` are probe settings, the rest override the model's run config."""
+    from olacache.common.configio import parse_overrides
+
+    probe_items = [s for s in sets or [] if s.startswith("probe.")]
+    rest = [s for s in sets or [] if not s.startswith("probe.")]
+    return rest, parse_overrides(probe_items).get("probe", {})
+
+
+@olatrain_app.command("probe")
+@_guarded
+def probe_cmd(
+    source: Annotated[Path | None, typer.Argument(help="A run dir (its last stage), <run>/<stage>/final, or any checkpoint dir.")] = None,
+    out_: Annotated[Path, typer.Option("--out", "-o", help="Output directory (probe.json, probe.csv, probe.png, split.json).")] = Path("probe"),
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Probe the untrained model of this run config instead of a checkpoint.")] = None,
+    teachers: Annotated[str | None, typer.Option(help="Comma-separated teachers [default: every teacher in the store].")] = None,
+    layers: Annotated[str, typer.Option(help="all, or a list such as 2,5 or 1-4.")] = "all",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (data.store=..., train.device=...) or a probe setting (probe.steps=200, probe.batch_size=8, probe.eval_fraction=0.2, ...).")] = None,
+) -> None:
+    """Train one probe per (teacher, layer) on the FROZEN model's hidden states against the cached targets and
+    score it by held-out cosine (docs/method.md §9). One LLM forward per batch feeds every probe."""
+    from olatrain.probe import probe_config, run_probe
+    from olatrain.probe_source import ProbeError, resolve_source
+
+    cfg_sets, probe_values = _split_sets(set_)
+    if teachers:
+        probe_values["teachers"] = [t.strip() for t in teachers.split(",") if t.strip()]
+    probe_values.setdefault("layers", layers)
+    try:
+        pc = probe_config(probe_values)
+        src = resolve_source(source, baseline=baseline, sets=cfg_sets)
+        run_probe(src, pc, out_, log=_log)
+    except ProbeError as e:
+        _fail(str(e))
+    if _is_rank0():
+        _print_probe_table(out_)
+
+
+def _print_probe_table(directory: Path) -> None:
+    from olatrain.plots import load_probe
+
+    res = load_probe(directory)
+    by: dict[str, dict[int, float]] = {}
+    for r in res.get("results", []):
+        by.setdefault(r["teacher"], {})[int(r["layer"])] = r["cos"]
+    layers = sorted({la for v in by.values() for la in v})
+    tab = Table(title=f"held-out probe cosine ({res['split']['n_eval']} eval images)")
+    tab.add_column("teacher")
+    for la in layers:
+        tab.add_column(f"L{la}", justify="right")
+    for t, v in sorted(by.items()):
+        tab.add_row(t, *[f"{v[la]:.3f}" if la in v else "-" for la in layers])
+    out.print(tab)
+
+
+plot_app = typer.Typer(help="Draw loss curves of runs, or probe curves of probe outputs.", no_args_is_help=True,
+                       add_completion=False, pretty_exceptions_enable=False)
+olatrain_app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("run")
+@_guarded
+def plot_run_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    out_: Annotated[Path | None, typer.Option("--out", "-o", help="Comparison PNG (several runs) [default: runs_compare.png].")] = None,
+) -> None:
+    """One run: redraw its per-stage loss PNGs and summary.json. Several: one figure comparing their curves."""
+    from olatrain.report import ReportError, compare_runs, summarize_run
+
+    try:
+        if len(runs) == 1 and out_ is None:
+            for line in summarize_run(runs[0]).lines():
+                console.print(line, markup=False, highlight=False)
+            return
+        path = compare_runs(runs, out_ or Path("runs_compare.png"))
+    except ReportError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}", markup=False)
+
+
+@plot_app.command("probe")
+@_guarded
+def plot_probe_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Probe output directories (or probe.json files).")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("probe_compare.png"),
+    labels: Annotated[str | None, typer.Option(help="Comma-separated legend labels [default: directory names].")] = None,
+    title: Annotated[str, typer.Option(help="Figure title.")] = "probe cosine vs layer",
+) -> None:
+    """Probe curves of several models in one figure: one panel per teacher, one line per model."""
+    from olatrain.plots import load_probe, probe_figure
+
+    names = [s.strip() for s in labels.split(",")] if labels else [d.name if d.is_dir() else d.parent.name for d in dirs]
+    if len(names) != len(dirs):
+        _fail(f"--labels has {len(names)} names for {len(dirs)} directories")
+    entries = []
+    for name, d in zip(names, dirs, strict=True):
+        try:
+            entries.append((name, load_probe(d)))
+        except (OSError, ValueError) as e:
+            _fail(f"{d}: not a probe output (no readable probe.json): {e}")
+    out_.parent.mkdir(parents=True, exist_ok=True)
+    probe_figure(entries, out_, title=title)
+    console.print(f"wrote {out_}", markup=False)
+
+
+@olatrain_app.command("sweep")
+@_guarded
+def sweep_cmd(
+    sweep_file: Annotated[Path, typer.Argument(help="SWEEP.yaml: base, stages, set, grid, runs, probe.")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="Sweep directory: one sub-directory per run, summary.csv/json, losses.png, probe.png.")],
+    shard: Annotated[str | None, typer.Option(help="K/N: run every N-th run starting at the K-th (array jobs).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs (name, status, overrides) and exit.")] = False,
+) -> None:
+    """Train (and probe) every run of an ablation grid on the same store; finished runs are never re-run,
+    failed ones are recorded and do not stop the others."""
+    from olatrain.sweep import SweepError, dry_run_lines, load_sweep, parse_shard, run_sweep
+
+    try:
+        sweep = load_sweep(sweep_file)
+        k_n = parse_shard(shard)
+    except SweepError as e:
+        _fail(str(e))
+    if dry_run:
+        for line in dry_run_lines(sweep, out_, k_n):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        run_sweep(sweep, out_, shard=k_n, log=_log)
+    except SweepError as e:
+        _fail(str(e))
+    if not _is_rank0():
+        return
+    from olatrain.sweep_summary import write_summary
+
+    _print_sweep_table(write_summary(sweep, out_), out_)
+
+
+def _print_sweep_table(summary: dict, directory: Path) -> None:
+    from olatrain.sweep_summary import fmt, human_bytes
+
+    rows = summary["runs"]
+    stages = [s for r in rows for s in r["stages"]]
+    first = stages[0] if stages else None
+    terms = sorted({k for r in rows for k in (r["stages"].get(first, {}).get("final", {}) if first else {})
+                    if k in ("loss", "loss_ce") or k.count("_") == 1})
+    teachers = sorted({t for r in rows for t in (r["probe"] or {})})
+    tab = Table(title=f"sweep {Path(summary['sweep']).name}: {summary['totals']['done']}/{len(rows)} done")
+    tab.caption = (f"final {first} loss terms" if first else "") + (", mean probe cosine over the probed layers"
+                                                                     if teachers else "")
+    for c in ("run", "status", "wall s", *[t.removeprefix("loss_") for t in terms], *[f"cos {t}" for t in teachers]):
+        tab.add_column(c, no_wrap=True)
+    for r in rows:
+        final = r["stages"].get(first, {}).get("final", {}) if first else {}
+        wall = f"{r['wall_s']:.1f}" if isinstance(r["wall_s"], (int, float)) else "-"
+        tab.add_row(r["name"], r["status"] + (f": {r['error']}" if r["error"] else ""), wall,
+                    *[fmt(final.get(t)) for t in terms],
+                    *[fmt((r["probe"] or {}).get(t, {}).get("mean")) for t in teachers])
+    out.print(tab)
+    tot = summary["totals"]
+    out.print(f"teachers built or run: 0; teacher forwards avoided (target rows read from the store): "
+              f"{tot['teacher_forwards_avoided']:,}; store bytes read: {human_bytes(tot['store_bytes_read'])}",
+              markup=False, highlight=False)
+    out.print(f"wrote {directory / 'summary.csv'}, summary.json, losses.png"
+              + (", probe.png" if teachers else ""), markup=False, highlight=False)
+
+
+@olatrain_app.command("show")
+@_guarded
+def show_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A PT checkpoint (<run>/pt/final) or a run dir whose last stage is PT.")],
+    image: Annotated[Path, typer.Option("--image", help="An image file under the run's data.image_root (in the store).")],
+    out_: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("show.png"),
+    key: Annotated[str | None, typer.Option(help="The image's path as stored, if the file is not under data.image_root.")] = None,
+    decode: Annotated[bool, typer.Option("--decode", help="Also decode target and predicted depth features through the depth teacher's DPT head (loads the teacher).")] = False,
+    teacher_source: Annotated[str | None, typer.Option(help="Depth teacher checkpoint for --decode [default: the store's record].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. data.store=...")] = None,
+) -> None:
+    """Cached target vs predicted embedding per spatial teacher and predictor layer, as feature maps in a
+    shared PCA colour space, with the cosine of each map."""
+    from olatrain.probe_source import ProbeError
+    from olatrain.show import show
+
+    try:
+        path = show(checkpoint, image, out_, sets=set_, key=key, decode=decode, teacher_source=teacher_source)
+    except ProbeError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}", markup=False)

@@ -145,6 +145,11 @@ class TrainConfig:
     # "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: parameters, gradients and AdamW state sharded
     # per decoder layer; sharded DCP checkpoints, final/ consolidated). See olatrain/parallel.py.
     parallel: str = "ddp"
+    # experiment trackers that get the same rows as metrics.jsonl: [tensorboard] and/or [wandb] (optional extras,
+    # imported only when listed; olatrain/tracking.py)
+    report_to: list[str] = field(default_factory=list)
+    # end `olatrain run` with the run summary (<run>/summary.json, printed) and loss PNGs per stage (report.py)
+    summary: bool = True
 
 
 @dataclass
@@ -255,6 +260,7 @@ def load_run(path: str | Path | None, overrides: list[str] | None = None) -> Run
         merged.setdefault("train", {})["stage"] = name
         cfg = build_dataclass(Config, merged, "config")
         validate(cfg)
+        validate_report_to(cfg)
         configs[name] = cfg
     return RunSpec(stages=list(stages_raw), configs=configs, raw={**raw, "stages": stages_raw})
 
@@ -297,6 +303,12 @@ def validate(cfg: Config) -> None:
                 f"model.spatial_queries ({cfg.model.spatial_queries}) must be divisible by "
                 f"model.task_tokens.{name} ({n}): the inserted tokens are group means"
             )
+
+
+def validate_report_to(cfg: Config) -> None:
+    bad = [x for x in cfg.train.report_to if x not in ("tensorboard", "wandb")]
+    if bad:
+        raise ConfigError(f"train.report_to: unknown tracker(s) {bad}; choose from [tensorboard, wandb]")
 
 
 def dump(cfg: Config) -> str:

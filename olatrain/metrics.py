@@ -13,19 +13,28 @@ class MetricsLog:
     """Append-only ``metrics.jsonl`` of a stage. Opening it drops the rows after ``start_step`` (a resumed run
     will produce them again; a fresh start keeps none)."""
 
-    def __init__(self, path: Path, start_step: int) -> None:
+    def __init__(self, path: Path, start_step: int, report_to: list[str] | None = None) -> None:
         self.path = Path(path)
         # truncate BEFORE opening for append: the truncation replaces the file, and a handle opened earlier
         # would keep writing into the replaced (unlinked) one
         truncate_metrics(self.path, start_step)
+        self._trackers = None
+        if report_to:  # train.report_to: the same rows go to tensorboard / wandb (optional extras)
+            from olatrain.tracking import open_trackers
+
+            self._trackers = open_trackers(report_to, self.path.parent)
         self._f = open(self.path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        if self._trackers is not None:
+            self._trackers.log(row)
 
     def close(self) -> None:
         self._f.close()
+        if self._trackers is not None:
+            self._trackers.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

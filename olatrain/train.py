@@ -270,7 +270,7 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     metrics = None
     if rt.main:
         (stage_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-        metrics = MetricsLog(stage_dir / "metrics.jsonl", start_step)
+        metrics = MetricsLog(stage_dir / "metrics.jsonl", start_step, report_to=cfg.train.report_to)
         n_trainable = sum(p.numel() for p in params)
         log(f"[{stage}] {len(dataset)} samples, {n_trainable / 1e6:.2f}M trainable params, "
             f"{cfg.train.max_steps} steps x {cfg.train.batch_size}x{cfg.train.grad_accum}x{rt.world}, "
@@ -475,4 +475,14 @@ def run(spec: RunSpec, *, resume: bool = False, log: Callable[[str], None] = pri
         if not ckpt.is_done(final):
             break  # stopped early (train.stop_after); --resume continues here
         prev = final
+    if spec.configs[spec.stages[0]].train.summary and _is_rank0():
+        from olatrain.report import finish_run_report
+
+        finish_run_report(out, log)  # <run>/summary.json + <run>/<stage>/losses.png
     return final
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

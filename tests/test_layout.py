@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("olacache", "olatrain")
+# the only olatrain modules that may import teacher code, lazily: the online-targets adapter and the `olatrain show`
+# inspection command (its --decode runs the depth teacher's head); nothing in the package imports the latter
+TEACHER_DOORS = ("olatrain.online", "olatrain.show")
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -122,8 +125,9 @@ def violations(graph: dict[str, list[tuple[str, bool, int]]]) -> list[str]:
             where = f"{m}:{line} -> {target}"
             if _under(m, "olatrain") and _under(target, "olacache"):
                 if _under(target, "olacache.teachers"):
-                    if not (m == "olatrain.online" and lazy):
-                        bad.append(f"{where} (teacher code only through olatrain/online.py, lazily)")
+                    if not (m in TEACHER_DOORS and lazy):
+                        bad.append(f"{where} (teacher code only through olatrain/online.py or the inspection "
+                                   "command olatrain/show.py, lazily)")
                 elif not _under(target, "olacache.store", "olacache.inputs", "olacache.common"):
                     bad.append(f"{where} (olatrain may use only olacache.store/inputs/common)")
             if _under(m, "olatrain.data") and (
@@ -163,7 +167,42 @@ def test_boundaries_hold(graph) -> None:
 def test_online_adapter_is_the_only_lazy_door(graph) -> None:
     doors = [(m, lazy) for m, imps in graph.items() for t, lazy, _ in imps
              if _under(m, "olatrain") and _under(t, "olacache.teachers")]
-    assert doors and all(m == "olatrain.online" and lazy for m, lazy in doors)
+    assert doors and all(m in TEACHER_DOORS and lazy for m, lazy in doors)
+    assert any(m == "olatrain.online" for m, _ in doors)
+
+
+def _closure(graph: dict[str, list[tuple[str, bool, int]]], start: str) -> set[str]:
+    """Every module ``start`` can import, directly or through others (lazy imports included)."""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in graph:
+            continue
+        seen.add(m)
+        todo += [t for t, _, _ in graph[m]]
+    return seen
+
+
+def test_show_is_an_island_and_probing_sweeping_reach_no_teacher(graph) -> None:
+    """olatrain/show.py is imported by no module of the packages (only the CLI's `show` command), and nothing
+    that probing, sweeping or training can import reaches teacher code or show.py (online.py, the opt-in live
+    teachers of `train.targets: online`, is the one exception the training path has)."""
+    importers = [m for m, imps in graph.items() for t, _, _ in imps if t == "olatrain.show"]
+    assert importers == []
+    for start in ("olatrain.probe", "olatrain.probe_source", "olatrain.sweep", "olatrain.sweep_summary",
+                  "olatrain.report", "olatrain.plots"):
+        # the training loop's lazy door to online teachers (opt-in) is cut; what remains must be teacher-free
+        reach = _closure_without(graph, start, "olatrain.online")
+        assert start in reach
+        bad = sorted(m for m in reach if _under(m, "olacache.teachers") or m == "olatrain.show")
+        assert not bad, (start, bad)
+    # the check can fail: show.py itself reaches teacher code
+    assert any(_under(m, "olacache.teachers") for m in _closure(graph, "olatrain.show"))
+
+
+def _closure_without(graph: dict[str, list[tuple[str, bool, int]]], start: str, cut: str) -> set[str]:
+    g = {m: [(t, lz, ln) for t, lz, ln in imps if not _under(t, cut)] for m, imps in graph.items()}
+    return _closure(g, start)
 
 
 # ----------------------------------------------------------------------------------------------- the checker
