@@ -10,6 +10,7 @@ and quantisation, so both formats behave identically.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from olacache.store.backend import Backend
 from olacache.store.format import (
     COLUMN_NAME,
     DEFAULT_READ_THREADS,
+    DIGEST,
     DTYPES,
     ERRORS,
     FAILED,
@@ -27,10 +29,12 @@ from olacache.store.format import (
     INDEX_PATH,
     KINDS,
     MISSING,
+    READABLE_VERSIONS,
     RESERVED_COLUMN_ATTRS,
     SCALE,
     STATUS,
     TARGET,
+    CorruptChunk,
     StoreError,
     StoreLocked,
     StoreMismatch,
@@ -69,10 +73,16 @@ class EmbeddingStore:
                 f"{url} is a {self.format} container but not an olacache embedding store (no format_version "
                 "attr); point at a store made by `olacache build` / EmbeddingStore.create"
             )
-        if int(fv) != FORMAT_VERSION:
+        if int(fv) not in READABLE_VERSIONS:
             raise StoreError(
-                f"{url} has store format_version {fv}, this olacache reads {FORMAT_VERSION}; "
+                f"{url} has store format_version {fv}, this olacache reads {list(READABLE_VERSIONS)}; "
                 "use the olacache version that wrote it or rebuild the store"
+            )
+        self.version = int(fv)
+        if self.version != FORMAT_VERSION and _mode == "r+":
+            raise StoreError(
+                f"{url} is a format_version {fv} store (readable, not writable by this olacache); convert it "
+                f"in place with `olacache upgrade {url}`"
             )
         self.n_images: int = int(attrs["n_images"])
         self.shard_size: int = int(attrs["shard_size"])
@@ -80,6 +90,7 @@ class EmbeddingStore:
         self.n_shards: int = -(-self.n_images // self.shard_size)
         self._image_paths: list[str] | None = None
         self._meta_cache: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -360,6 +371,8 @@ class EmbeddingStore:
         col_attrs = {
             "teacher": name,
             **user,
+            # a fresh id per (re)creation: a reader that sees it change knows the column was replaced under it
+            "generation": uuid.uuid4().hex,
             "target_shape": list(shape),
             "dtype": dtype,
             "kind": kind,
@@ -398,6 +411,10 @@ class EmbeddingStore:
         # share a file.
         b.create_array(f"{name}/{STATUS}", (n,), "uint8", chunk_rows=s, shard_rows=None, compressor=None)
         b.create_array(f"{name}/{ERRORS}", (n,), "str", chunk_rows=s, shard_rows=None, compressor=None)
+        # one crc32c per shard of its stored bytes (one chunk per shard, owned by that shard's writer):
+        # the chunk checksums cannot see two whole shard files swapped, this can (olacache verify)
+        b.create_array(f"{name}/{DIGEST}", (self.n_shards,), "uint32", chunk_rows=1, shard_rows=None,
+                       compressor=None)
         # attrs last: a column without target_shape is recognisably half-created.
         b.set_column_attrs(name, col_attrs)
 
@@ -454,6 +471,7 @@ class EmbeddingStore:
                              f"{len(rows)} rows)") from None
         self._write_values(name, rows.start, data, scale)
         self._write_errors(name, rows.start, errs)
+        self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
         self._write_status(name, rows.start, st)
 
     # Three steps as separate methods so the tests can simulate a crash between them.
@@ -474,11 +492,25 @@ class EmbeddingStore:
 
     def read_rows(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """float16 (len(rows), *shape) in the requested order (duplicates allowed); int8 columns dequantised.
-        Rows are sorted, deduplicated and coalesced into as few reads as possible."""
+        Rows are sorted, deduplicated and coalesced into as few reads as possible. A row whose stored chunk
+        fails its checksum raises CorruptChunk naming the store, teacher, shard and rows."""
         r = self._check_rows(rows)
         out = aligned_empty((len(r), *self.target_shape(name)), np.float16)
-        self._read_into(name, r, out, np.arange(len(r)))
+        bad = self._read_into(name, r, out, np.arange(len(r)))
+        if len(bad):
+            raise CorruptChunk(self.describe_bad_rows(name, bad), bad.tolist())
         return out
+
+    def describe_bad_rows(self, name: str, bad: np.ndarray) -> str:
+        """One line naming the store, teacher, shards and row ranges of damaged rows."""
+        shards = sorted({int(r) // self.shard_size for r in bad})
+        parts = []
+        for sh in shards[:5]:
+            rs = [int(r) for r in bad if int(r) // self.shard_size == sh]
+            parts.append(f"shard {sh} rows {min(rs)}-{max(rs)}")
+        more = f" (+{len(shards) - 5} more shards)" if len(shards) > 5 else ""
+        return (f"{self.url}: teacher {name!r}: {len(bad)} row(s) fail their checksum ({'; '.join(parts)}{more}); "
+                f"the store is damaged: `olacache verify --repair {self.url}` marks those shards for recompute")
 
     def _check_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         r = np.asarray(rows)
@@ -493,23 +525,62 @@ class EmbeddingStore:
             )
         return r
 
-    def _read_into(self, name: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """out[dest[k]] = row rows[k] of column ``name`` (as float16)."""
+    def _read_into(
+        self, name: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
+        """out[dest[k]] = row rows[k] of column ``name`` (as float16). -> sorted unique rows whose stored
+        bytes failed a checksum (their slots are zeroed, never garbage)."""
         if len(rows) == 0:
-            return
+            return np.zeros(0, dtype=np.int64)
         meta = self._meta(name)
         uniq, udest, dup_src, dup_dst = plan_reads(rows, dest)
         if meta["dtype"] == "float16":
-            self._b.read_rows_into(f"{name}/{TARGET}", uniq, out, udest)
+            bad = self._b.read_rows_into(f"{name}/{TARGET}", uniq, out, udest, must_exist)
         else:
             k = np.arange(len(uniq))
             q = aligned_empty((len(uniq), *meta["shape"]), np.int8)
             s = np.empty((len(uniq), *meta["shape"][:-1]), dtype=np.float32)
-            self._b.read_rows_into(f"{name}/{TARGET}", uniq, q, k)
-            self._b.read_rows_into(f"{name}/{SCALE}", uniq, s, k)
+            bad = np.union1d(
+                self._b.read_rows_into(f"{name}/{TARGET}", uniq, q, k, must_exist),
+                self._b.read_rows_into(f"{name}/{SCALE}", uniq, s, k, must_exist),
+            )
             out[udest] = dequantize_int8(q, s)
+            if len(bad):
+                out[udest[np.isin(uniq, bad)]] = 0
         if len(dup_dst):
             out[dup_dst] = out[dup_src]
+        return np.unique(bad).astype(np.int64)
+
+    # ------------------------------------------------------------------ integrity
+
+    def check_shard(self, name: str, shard: int) -> list[str]:
+        """Problems of one shard of a column: its files must exist, parse and pass their checksums, and its
+        stored bytes must match the shard digest written with it (format 2). Never raises on damage."""
+        meta = self._meta(name)
+        arrays = [TARGET] + ([SCALE] if meta["dtype"] == "int8" else [])
+        problems: list[str] = []
+        for a in arrays:
+            problems += [f"{self.url}: teacher {name!r}: {p}" for p in
+                         self._b.check_shard(f"{name}/{a}", shard, self.shard_size)]
+        if problems or self.version < 2:
+            return problems
+        try:
+            digests = self._digests.get(name)
+            if digests is None:
+                digests = self._digests[name] = np.asarray(self._b.read_all(f"{name}/{DIGEST}"))
+            want = int(digests[shard])
+            data = self._b.shard_digest_bytes(f"{name}/{TARGET}", shard, self.shard_size)
+            sc = (self._b.shard_digest_bytes(f"{name}/{SCALE}", shard, self.shard_size)
+                  if meta["dtype"] == "int8" else b"")
+        except Exception as e:
+            return [f"{self.url}: teacher {name!r} shard {shard}: digest unreadable ({type(e).__name__}: {e})"]
+        if _crc_bytes(data, sc) != want:
+            rows = self.shard_rows(shard)
+            problems.append(
+                f"{self.url}: teacher {name!r} shard {shard} (rows {rows.start}-{rows.stop - 1}): stored bytes do "
+                "not match the shard's digest (a shard file swapped or replaced from elsewhere)"
+            )
+        return problems
 
     def nbytes(self, name: str | None = None) -> int:
         """Bytes on disk of one column, or of the whole store."""
@@ -518,3 +589,15 @@ class EmbeddingStore:
         return int(self._b.nbytes(name))
 
 
+
+
+def _crc_bytes(data: bytes, scale: bytes) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.extend(google_crc32c.value(data), scale)) if scale else int(google_crc32c.value(data))
+
+
+def shard_digest(data: np.ndarray, scale: np.ndarray | None) -> int:
+    """crc32c of a shard's stored target bytes, then its scale bytes (int8 columns)."""
+    return _crc_bytes(np.ascontiguousarray(data).tobytes(),
+                      b"" if scale is None else np.ascontiguousarray(scale).tobytes())

@@ -8,6 +8,11 @@ file, so on a local filesystem ``LocalShardedReader`` reads each shard's index o
 ``stat``), verifies its crc32c, and preads the images straight into the output batch. Anything else (remote
 fsspec stores, compressed columns, foreign layouts) goes through zarr's async API: the batch's contiguous runs
 are read concurrently on zarr's event loop in one ``sync`` call.
+
+Format 2: text lives in uint8 arrays (``olacache.store.strings``), every numeric chunk carries a crc32c (inside
+the sharding codec for target/scale, so a flipped bit names one inner chunk), and sharded arrays write every
+inner chunk even when it is all zeros, so a missing shard file or chunk is always damage, never "fill".
+``LocalShardedReader`` checks the crc32c of every inner chunk it reads (google-crc32c, hardware CRC).
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from olacache.store.backend import Backend
-from olacache.store.format import INDEX_PATH, StoreError
-from olacache.store.pread import ReadPool, Run, contiguous_runs, plan_runs, read_runs
+from olacache.store.format import INDEX_PATH, CorruptChunk, StoreError
+from olacache.store.pread import _IOV_MAX, ReadPool, Run, contiguous_runs, plan_runs, read_runs
+from olacache.store.strings import ERROR_BYTES, decode_concat, decode_fixed, encode_concat, encode_fixed
 
 try:  # zarr >= 3.1 checksums shard indexes with google-crc32c; 3.0 used the `crc32c` package
     from google_crc32c import value as _crc32c
@@ -40,15 +46,32 @@ except ImportError:  # pragma: no cover - depends on the installed zarr
 
 _MAX_U64 = np.uint64(2**64 - 1)
 _INDEX_CHUNK_ROWS = 65536
+_TEXT_CHUNK_BYTES = 1 << 20
+# format-2 names of the text arrays (olacache.store.strings); format 1 kept zarr "string" arrays at the
+# logical names INDEX_PATH and <column>/errors
+PATH_UTF8, PATH_OFFSETS, ERROR_UTF8 = "index/path_utf8", "index/path_offsets", "error_utf8"
 
 
-def _compressors(name: str | None, url: str) -> Any:
+def _compressors(name: str | None, url: str, version: int = 2) -> Any:
     if name is None:
-        return None
-    if name == "zstd":
+        out: tuple[Any, ...] = ()
+    elif name == "zstd":
         # Level 3: the usual speed/ratio knee; random fp16 features only reach ~1.09x anyway.
-        return (ZstdCodec(level=3),)
-    raise StoreError(f"{url}: unknown compressor {name!r}; use None or 'zstd'")
+        out = (ZstdCodec(level=3),)
+    else:
+        raise StoreError(f"{url}: unknown compressor {name!r}; use None or 'zstd'")
+    # crc32c last: it checksums exactly the bytes stored (Zarr v3 core codec, read by every client).
+    out = out + ((Crc32cCodec(),) if version >= 2 else ())
+    return out or None
+
+
+def _text_codecs() -> tuple[Any, ...]:
+    # gzip is a core Zarr v3 codec (zstd is an extension some clients lack); text is never hot.
+    return (GzipCodec(level=5), Crc32cCodec())
+
+
+def _is_errors(path: str) -> bool:
+    return path.count("/") == 1 and path.endswith("/errors")
 
 
 class ZarrBackend(Backend):
@@ -58,12 +81,15 @@ class ZarrBackend(Backend):
         self, url: str, local: Path | None, group: zarr.Group, *, fast_reads: bool, read_threads: int = 1
     ) -> None:
         self.url = url
+        # the store's format version decides the text arrays' names and whether new chunks get checksums
+        self.version = int(group.attrs.get("format_version", 2) or 2)
         self._pool = ReadPool(read_threads)
         self._local = local
         self._g = group
         self._fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, LocalShardedReader | None] = {}
+        self._shard_seen: dict[str, set[int]] = {}
 
     # ------------------------------------------------------------------ open / create
 
@@ -80,21 +106,40 @@ class ZarrBackend(Backend):
     def create(
         cls, url: str, local: Path | None, paths: list[str], attrs: dict[str, Any], shard_size: int
     ) -> ZarrBackend:
-        if local is not None and local.exists():
-            # An existing EMPTY directory is fine (e.g. made by a job script); anything else is refused.
-            if not local.is_dir() or any(local.iterdir()):
-                raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
-        store = cls._store(url, local, read_only=False)
-        if local is None and not sync(store.is_empty("")):
+        if local is not None and local.exists() and not local.is_dir():
             raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
-        # Root attrs are written LAST: a crash mid-create leaves a group without format_version, which open()
-        # reports as "not an olacache store" instead of a store with a short index.
-        g = zarr.create_group(store, overwrite=False, attributes={})
-        n = len(paths)
-        idx = g.create_array(INDEX_PATH, shape=(n,), dtype=str, chunks=(min(n, _INDEX_CHUNK_ROWS),))
-        idx[:] = np.array(paths, dtype=object)
+        store = cls._store(url, local, read_only=False)
+        overwrite = False
+        if not sync(store.is_empty("")):
+            # An existing EMPTY directory is fine (e.g. made by a job script), and so is a creation that was
+            # killed before its root attrs (the commit point) were written: that is redone from scratch.
+            if not cls._half_created(store):
+                raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
+            overwrite = True
+        # Root attrs are written LAST: a crash mid-create leaves a group without format_version, which the
+        # next create() recognises (above) and redoes.
+        g = zarr.create_group(store, overwrite=overwrite, attributes={})
+        data, offsets = encode_concat(paths)
+        for name, arr in ((PATH_OFFSETS, offsets), (PATH_UTF8, data)):
+            a = g.create_array(
+                name, shape=arr.shape, dtype=arr.dtype, chunks=(max(1, min(len(arr), _TEXT_CHUNK_BYTES)),),
+                compressors=_text_codecs(), fill_value=0,
+            )
+            if len(arr):
+                a[:] = arr
         g.update_attributes(attrs)
         return cls(url, local, g, fast_reads=True)
+
+    @staticmethod
+    def _half_created(store: Any) -> bool:
+        """A zarr group without format_version that holds nothing but (part of) the index."""
+        try:
+            g = zarr.open_group(store, mode="r")
+        except Exception:
+            return False
+        if "format_version" in g.attrs:
+            return False
+        return set(g.keys()) <= {"index"}
 
     @classmethod
     def open(
@@ -149,16 +194,27 @@ class ZarrBackend(Backend):
         compressor: str | None,
     ) -> None:
         rest = tuple(shape[1:])
-        self._g.create_array(
-            path,
-            shape=shape,
-            dtype=str if dtype == "str" else dtype,
-            chunks=(chunk_rows, *rest),
-            shards=None if shard_rows is None else (shard_rows, *rest),
-            # strings keep zarr's default compression: error/path text compresses well and is never hot.
-            compressors="auto" if dtype == "str" else _compressors(compressor, self.url),
-            fill_value="" if dtype == "str" else 0,
-        )
+        if dtype == "str":
+            if not _is_errors(path):
+                raise StoreError(f"{self.url}: no text encoding for array {path!r}")
+            # format 2: fixed-width UTF-8 rows (olacache.store.strings), one chunk per shard like status
+            self._g.create_array(
+                f"{path.split('/')[0]}/{ERROR_UTF8}", shape=(shape[0], ERROR_BYTES), dtype="uint8",
+                chunks=(chunk_rows, ERROR_BYTES), compressors=_text_codecs(), fill_value=0,
+                attributes={"encoding": f"utf-8, zero-padded to {ERROR_BYTES} bytes per row"},
+            )
+        else:
+            self._g.create_array(
+                path,
+                shape=shape,
+                dtype=dtype,
+                chunks=(chunk_rows, *rest),
+                shards=None if shard_rows is None else (shard_rows, *rest),
+                compressors=_compressors(compressor, self.url, self.version),
+                fill_value=0,
+                # every inner chunk is written, all-zero ones too: a missing one is then always damage
+                config={"write_empty_chunks": shard_rows is not None},
+            )
         self._forget(path.split("/")[0])
 
     def _arr(self, path: str) -> zarr.Array:
@@ -172,31 +228,133 @@ class ZarrBackend(Backend):
             self._arrays[path] = a
         return a
 
+    def _text_v2(self, path: str) -> str | None:
+        """The format-2 array holding the logical text array ``path``, or None (format 1: zarr strings)."""
+        if self.version < 2:
+            return None
+        if path == INDEX_PATH:
+            return PATH_UTF8
+        if _is_errors(path):
+            return f"{path.split('/')[0]}/{ERROR_UTF8}"
+        return None
+
     def write(self, path: str, start: int, values: np.ndarray) -> None:
+        text = self._text_v2(path)
+        if text is not None:
+            values = encode_fixed([str(v) for v in values])
+            path = text
         # One call for the whole shard: zarr encodes the shard once (per-image writes re-encode it each time).
         self._arr(path)[start : start + len(values)] = values
 
     def read_all(self, path: str) -> np.ndarray:
+        text = self._text_v2(path)
+        if text == PATH_UTF8:
+            return np.array(
+                decode_concat(self._arr(PATH_UTF8)[:], self._arr(PATH_OFFSETS)[:]), dtype=object
+            )
+        if text is not None:
+            return decode_fixed(self._arr(text)[:])
         return np.asarray(self._arr(path)[:])
 
     def _raw_reader(self, path: str) -> LocalShardedReader | None:
-        return LocalShardedReader.for_array(self._arr(path), self._local)
+        return LocalShardedReader.for_array(self._arr(path), self._local, self.url)
 
-    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+    def _library_read_into(
+        self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
         # zarr API path: every contiguous run is one getitem; all of them run concurrently on zarr's event
-        # loop in ONE sync() call (N synchronous calls would pay N loop round trips).
+        # loop in ONE sync() call (N synchronous calls would pay N loop round trips). A run that fails (a
+        # chunk's crc32c) is re-read one inner chunk at a time to find exactly the bad rows.
         arr = self._arr(path)
         aarr = getattr(arr, "async_array", None) or arr._async_array
         runs = contiguous_runs(rows)
 
-        async def _gather() -> list[Any]:
+        async def _gather(spans: list[tuple[int, int]]) -> list[Any]:
             return await asyncio.gather(
-                *(aarr.getitem(slice(int(rows[a]), int(rows[b - 1]) + 1)) for a, b in runs)
+                *(aarr.getitem(slice(a, b)) for a, b in spans), return_exceptions=True
             )
 
-        blocks = sync(_gather())
+        blocks = sync(_gather([(int(rows[a]), int(rows[b - 1]) + 1) for a, b in runs]))
+        bad: list[int] = []
         for (a, b), blk in zip(runs, blocks, strict=True):
-            out[dest[a:b]] = np.asarray(blk)
+            if not isinstance(blk, BaseException):
+                out[dest[a:b]] = np.asarray(blk)
+                continue
+            if not _is_checksum_error(blk):
+                raise blk
+            c = int(arr.chunks[0])  # inner chunk rows (zarr's .chunks is the inner chunk shape)
+            sub = rows[a:b]
+            chunks = np.unique(sub // c)
+            parts = sync(_gather([(int(k) * c, min(int(k) * c + c, arr.shape[0])) for k in chunks]))
+            for k, part in zip(chunks.tolist(), parts, strict=True):
+                sel = (sub // c) == k
+                if isinstance(part, BaseException):
+                    if not _is_checksum_error(part):
+                        raise part
+                    out[dest[a:b][sel]] = 0
+                    bad += sub[sel].tolist()
+                else:
+                    out[dest[a:b][sel]] = np.asarray(part)[sub[sel] - k * c]
+        if must_exist and self.version >= 2 and arr.shards is not None:
+            bad += self._rows_of_missing_shards(arr, rows, out, dest)
+        return np.unique(np.asarray(bad, dtype=np.int64))
+
+    def _rows_of_missing_shards(self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> list[int]:
+        """zarr reads a missing shard as the fill value; for complete rows that is damage. Existence is
+        remembered per shard (a shard seen once is not asked again: one request per shard per process)."""
+        per = int(arr.shards[0])
+        seen = self._shard_seen.setdefault(arr.path, set())
+        shards = np.unique(rows // per)
+        todo = [int(s) for s in shards if int(s) not in seen]
+        if not todo:
+            return []
+        keys = [self._shard_key(arr, s) for s in todo]
+
+        async def _exists() -> list[bool]:
+            return await asyncio.gather(*(self._g.store.exists(k) for k in keys))
+
+        bad: list[int] = []
+        for s, ok in zip(todo, sync(_exists()), strict=True):
+            if ok:
+                seen.add(s)
+            else:
+                hit = rows // per == s
+                out[dest[hit]] = 0
+                bad += rows[hit].tolist()
+        return bad
+
+    @staticmethod
+    def _shard_key(arr: zarr.Array, shard: int) -> str:
+        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+        return f"{arr.path}/{key}" if arr.path else key
+
+    def check_shard(self, path: str, shard: int, shard_rows: int) -> list[str]:
+        arr = self._arr(path)
+        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
+        where = f"{path} shard {shard} (rows {lo}-{hi - 1})"
+        full_key = self._shard_key(arr, shard)
+        try:
+            if not sync(self._g.store.exists(full_key)):
+                return [f"{where}: shard file {full_key} is missing"]
+        except Exception as e:
+            return [f"{where}: cannot check shard file {full_key}: {type(e).__name__}: {e}"]
+        scratch = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
+        try:
+            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
+        except Exception as e:
+            return [f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
+        if len(bad):
+            c = int(arr.chunks[0])
+            chunks = sorted({int(r) // c for r in bad})
+            return [f"{where}: inner chunk rows {k * c}-{min(k * c + c, arr.shape[0]) - 1} fails its crc32c"
+                    for k in chunks]
+        return []
+
+    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int) -> bytes:
+        """The shard's decoded bytes (for the per-shard digest)."""
+        arr = self._arr(path)
+        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
+        return np.ascontiguousarray(arr[lo:hi]).tobytes()
 
     def nbytes(self, column: str | None) -> int:
         if self._local is not None:
@@ -211,21 +369,38 @@ class ZarrBackend(Backend):
         self._g.store.close()
 
 
+def _is_checksum_error(e: BaseException) -> bool:
+    """A decode failure of stored bytes (crc32c mismatch, a truncated shard or chunk), as opposed to an I/O
+    error of the storage itself (which is raised as is)."""
+    return isinstance(e, ValueError | IndexError) or "checksum" in str(e).lower()
+
+
 class LocalShardedReader:
     """Reads rows of an uncompressed, sharded, local zarr v3 array by byte offset (see the module docstring).
 
-    Returns exactly what zarr returns: missing shard files and missing inner chunks read as the fill value,
-    and each shard index's crc32c is verified like zarr does."""
+    Returns exactly what zarr returns, and checks what zarr checks: each shard index's crc32c, and (format 2)
+    each inner chunk's crc32c, verified on the bytes read (a bad chunk's rows are zeroed and reported, never
+    returned). Format-1 arrays (no inner checksum) read missing shards/chunks as the fill value like zarr.
+
+    Kept instead of the zarr/zarrs codec pipeline because it is clearly faster warm on a local disk: the issue's
+    side-by-side figures (warm, ratio to memmap: this reader 0.85, zarrs 0.39, tensorstore 0.24); the checksum
+    cost is in bench/README.md ("Checksums")."""
 
     def __init__(
-        self, array_dir: Path, arr: zarr.Array, shard_rows: int, chunk_rows: int, index_at_end: bool
+        self, array_dir: Path, arr: zarr.Array, shard_rows: int, chunk_rows: int, index_at_end: bool,
+        inner_crc: bool, url: str,
     ) -> None:
         self._dir = array_dir
+        self._url = url
+        self._name = arr.path
         self._meta = arr.metadata
         self._ndim = arr.ndim
+        self._n = arr.shape[0]
         self.shard_rows = shard_rows
         self.chunk_rows = chunk_rows
         self.row_nbytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+        self._crc = inner_crc
+        self._chunk_nbytes = chunk_rows * self.row_nbytes + (4 if inner_crc else 0)
         self._n_inner = shard_rows // chunk_rows
         self._index_nbytes = self._n_inner * 16 + 4
         self._index_at_end = index_at_end
@@ -235,7 +410,7 @@ class LocalShardedReader:
         self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
 
     @classmethod
-    def for_array(cls, arr: zarr.Array, local: Path | None) -> LocalShardedReader | None:
+    def for_array(cls, arr: zarr.Array, local: Path | None, url: str = "") -> LocalShardedReader | None:
         """The fast reader if ``arr`` has exactly the layout it understands, else None (use the zarr API)."""
         meta = arr.metadata
         if (
@@ -253,9 +428,10 @@ class LocalShardedReader:
         sc = codecs[0]
         inner = sc.codecs
         if (
-            len(inner) != 1
+            len(inner) not in (1, 2)
             or not isinstance(inner[0], BytesCodec)
             or inner[0].endian not in (None, Endian.little)
+            or (len(inner) == 2 and not isinstance(inner[1], Crc32cCodec))
         ):
             return None
         ic = sc.index_codecs
@@ -277,42 +453,56 @@ class LocalShardedReader:
             shard_rows=shard_shape[0],
             chunk_rows=chunk_shape[0],
             index_at_end=sc.index_location == ShardingCodecIndexLocation.end,
+            inner_crc=len(inner) == 2,
+            url=url or str(local),
         )
 
     def _shard_file(self, shard: int) -> Path:
         return self._dir / self._meta.encode_chunk_key((shard,) + (0,) * (self._ndim - 1))
 
-    def _load_index(self, fd: int, size: int, path: Path) -> np.ndarray:
+    def _where(self, shard: int, lo: int, hi: int) -> str:
+        return f"{self._url}: teacher {self._name.split('/')[0]!r} ({self._name}) shard {shard}, rows {lo}-{hi - 1}"
+
+    def _load_index(self, fd: int, size: int, shard: int) -> np.ndarray:
+        lo = shard * self.shard_rows
+        hi = min(lo + self.shard_rows, self._n)
         if size < self._index_nbytes:
-            raise StoreError(f"{path}: shard file is {size} bytes, shorter than its index; it is corrupt")
+            raise CorruptChunk(f"{self._where(shard, lo, hi)}: shard file is {size} bytes, shorter than its "
+                               "index; it is corrupt (olacache verify --repair)", list(range(lo, hi)))
         raw = os.pread(fd, self._index_nbytes, size - self._index_nbytes if self._index_at_end else 0)
         body, crc = raw[:-4], raw[-4:]
         if np.uint32(_crc32c(body)).tobytes() != crc:  # type: ignore[misc]
-            raise StoreError(f"{path}: shard index checksum mismatch; the shard is corrupt, rebuild it")
+            raise CorruptChunk(f"{self._where(shard, lo, hi)}: shard index checksum mismatch; the shard is "
+                               "corrupt (olacache verify --repair)", list(range(lo, hi)))
         idx = np.frombuffer(body, dtype="<u8").reshape(self._n_inner, 2)
         present = idx[:, 0] != _MAX_U64
-        expected = self.chunk_rows * self.row_nbytes
-        if np.any(idx[present, 1] != expected):
-            raise StoreError(f"{path}: inner chunks are not {expected} raw bytes; unexpected layout")
+        if np.any(idx[present, 1] != self._chunk_nbytes) or np.any(
+            idx[present, 0] + idx[present, 1] > np.uint64(size)
+        ):
+            raise CorruptChunk(f"{self._where(shard, lo, hi)}: inner chunks are not {self._chunk_nbytes} bytes "
+                               "inside the file; the shard is corrupt", list(range(lo, hi)))
         return idx
 
-    def _shard_index(self, shard: int, fd: int, path: Path) -> np.ndarray:
+    def _shard_index(self, shard: int, fd: int) -> np.ndarray:
         st = os.fstat(fd)
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._index.get(shard)
         if cached is not None and cached[0] == key:
             return cached[1]
-        idx = self._load_index(fd, st.st_size, path)
+        idx = self._load_index(fd, st.st_size, shard)
         self._index[shard] = (key, idx)
         return idx
 
-    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: ReadPool) -> None:
+    def read_into(
+        self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: ReadPool, must_exist: bool = False
+    ) -> np.ndarray:
         """out[dest[k]] = row rows[k] (rows sorted, unique). Plans every shard first, then issues all reads
-        (concurrently when the pool has threads)."""
+        (concurrently when the pool has threads). -> rows whose bytes are damaged (zeroed in ``out``)."""
         shards = rows // self.shard_rows
         cuts = (np.nonzero(np.diff(shards))[0] + 1).tolist()
         fds: list[int] = []
         runs: list[Run] = []
+        bad: list[int] = []
         try:
             for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True):
                 shard = int(shards[a])
@@ -320,20 +510,106 @@ class LocalShardedReader:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
+                    if self._crc and must_exist:  # format 2 writes every shard whole: a missing one is damage
+                        bad += rows[a:b].tolist()
+                        out[dest[a:b]] = 0
+                        continue
                     out[dest[a:b]] = self._fill  # zarr omits an all-fill shard (write_empty_chunks=False)
                     continue
                 fds.append(fd)
-                idx = self._shard_index(shard, fd, path)
+                try:
+                    idx = self._shard_index(shard, fd)
+                except CorruptChunk:
+                    bad += rows[a:b].tolist()
+                    out[dest[a:b]] = 0
+                    continue
                 local = rows[a:b] - shard * self.shard_rows
                 starts = idx[local // self.chunk_rows, 0]
                 present = starts != _MAX_U64
                 if not present.all():
-                    out[dest[a:b][~present]] = self._fill  # an all-fill inner chunk is omitted from the shard
+                    missing = dest[a:b][~present]
+                    if self._crc and must_exist:
+                        bad += rows[a:b][~present].tolist()
+                        out[missing] = 0
+                    else:
+                        out[missing] = self._fill  # an all-fill inner chunk is omitted from the shard
+                if self._crc:
+                    runs += self._checked_runs(fd, shard, starts[present].astype(np.int64), local[present],
+                                               dest[a:b][present])
+                    continue
                 offsets = (
                     starts[present].astype(np.int64) + (local[present] % self.chunk_rows) * self.row_nbytes
                 )
                 runs += plan_runs(fd, offsets, dest[a:b][present], self.row_nbytes)
-            read_runs(runs, out, self.row_nbytes, str(self._dir), pool.get())
+            if self._crc:
+                bad += self._read_checked(runs, out, pool.get())
+            else:
+                read_runs(runs, out, self.row_nbytes, str(self._dir), pool.get())
         finally:
             for fd in fds:
                 os.close(fd)
+        return np.asarray(sorted(bad), dtype=np.int64)
+
+    # ---------------------------------------------------------------- format 2: checksummed inner chunks
+    # A checked run: (fd, file offset, [(first global row of the chunk, chunk index, rows in chunk, out slots)]).
+    def _checked_runs(
+        self, fd: int, shard: int, starts: np.ndarray, local: np.ndarray, dest: np.ndarray
+    ) -> list[Any]:
+        """Group the needed inner chunks (each read whole, with its 4-byte crc) into runs of adjacent chunks."""
+        chunk = local // self.chunk_rows
+        uniq, first = np.unique(chunk, return_index=True)
+        offs = starts[first]
+        order = np.argsort(offs, kind="stable")
+        uniq, offs = uniq[order], offs[order]
+        runs: list[Any] = []
+        cur: list[Any] = []
+        cur_off = prev_end = -1
+        for k, off in zip(uniq.tolist(), offs.tolist(), strict=True):
+            sel = chunk == k
+            item = (shard * self.shard_rows + k * self.chunk_rows, k, local[sel] % self.chunk_rows, dest[sel])
+            if cur and off == prev_end and len(cur) < _IOV_MAX // 2:
+                cur.append(item)
+            else:
+                if cur:
+                    runs.append((fd, cur_off, cur))
+                cur, cur_off = [item], off
+            prev_end = off + self._chunk_nbytes
+        if cur:
+            runs.append((fd, cur_off, cur))
+        return runs
+
+    def _read_checked(self, runs: list[Any], out: np.ndarray, pool: Any) -> list[int]:
+        flat = out.reshape(out.shape[0], -1)
+        flat_u8 = flat.view(np.uint8)
+        rn, cn = self.row_nbytes, self._chunk_nbytes
+        direct = self.chunk_rows == 1  # big targets: the row IS the chunk; read it straight into the batch
+
+        def one(run: Any) -> list[int]:
+            fd, offset, items = run
+            crcs = np.empty((len(items), 4), dtype=np.uint8)
+            if direct:
+                bufs: list[Any] = []
+                for j, (_g, _k, _rows, dst) in enumerate(items):
+                    bufs += [memoryview(flat[int(dst[0])]).cast("B"), memoryview(crcs[j])]
+            else:
+                tmp = np.empty((len(items), cn), dtype=np.uint8)
+                bufs = [memoryview(tmp)]
+            got = os.preadv(fd, bufs, offset)
+            bad_local: list[int] = []
+            for j, (g0, _k, in_chunk, dst) in enumerate(items):
+                if direct:
+                    body = flat[int(dst[0])]
+                    stored = crcs[j].tobytes()
+                else:
+                    body = tmp[j, :-4]
+                    stored = tmp[j, -4:].tobytes()
+                ok = got >= (j + 1) * cn and np.uint32(_crc32c(body.tobytes())).tobytes() == stored
+                if not ok:
+                    out[dst] = 0
+                    bad_local += (g0 + in_chunk).tolist()
+                elif not direct:
+                    flat_u8[dst] = body.reshape(self.chunk_rows, rn)[in_chunk]
+            return bad_local
+
+        results = [one(r) for r in runs] if pool is None or len(runs) <= 1 else list(pool.map(one, runs))
+        return [x for r in results for x in r]
