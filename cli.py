@@ -209,13 +209,15 @@ def verify_cmd(
     image_root: Annotated[str | None, typer.Option(help="Image root for --recompute [default: the build's].")] = None,
     device: Annotated[str, typer.Option(help="Device for --recompute.")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Mark shards with damaged chunks incomplete so the next `olacache build` recomputes exactly them.")] = False,
 ) -> None:
-    """Check structure and completeness; with --recompute K, parity against the live teachers."""
+    """Check structure, completeness and every complete shard's files and checksums; with --recompute K,
+    parity against the live teachers."""
     from olacache.store import StoreError
     from olacache.verify import verify_store
 
     try:
-        rep = verify_store(store, recompute, image_root=image_root, device=device)
+        rep = verify_store(store, recompute, image_root=image_root, device=device, repair=repair)
     except StoreError as e:
         _fail(str(e))
     if json_out:
@@ -233,6 +235,20 @@ def verify_cmd(
             out.print(f"[red]problem:[/] {escape(pr)}")
         out.print("[bold green]OK[/]" if rep.ok else f"[bold red]{len(rep.problems)} problem(s)[/]")
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@olacache_app.command("upgrade")
+def upgrade_cmd(store: Annotated[str, typer.Argument(help="Store path or URL (format 1).")]) -> None:
+    """Convert a format-1 store to the current format in place, without touching target data (atomic,
+    resumable: rerun it after an interruption)."""
+    from olacache.store import StoreError
+    from olacache.store.upgrade import upgrade_store
+
+    try:
+        msg = upgrade_store(store, log=_log)
+    except StoreError as e:
+        _fail(str(e))
+    out.print(msg, markup=False, highlight=False)
 
 
 # ============================================================================================ olatrain

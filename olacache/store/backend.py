@@ -57,6 +57,9 @@ class Backend(ABC):
     @abstractmethod
     def read_all(self, path: str) -> np.ndarray: ...
 
+    @abstractmethod
+    def has_array(self, path: str) -> bool: ...
+
     # set by each backend's __init__: raw-read switch, per-array raw readers (None = not applicable), threads
     _fast_reads: bool
     _readers: dict[str, Any]

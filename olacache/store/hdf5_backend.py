@@ -223,6 +223,9 @@ class Hdf5Backend(Backend):
     def write(self, path: str, start: int, values: np.ndarray) -> None:
         self._ds(path)[start : start + len(values)] = values
 
+    def has_array(self, path: str) -> bool:
+        return isinstance(self._f.get(path), h5py.Dataset)
+
     def read_all(self, path: str) -> np.ndarray:
         ds = self._ds(path)
         if h5py.check_string_dtype(ds.dtype) is not None:

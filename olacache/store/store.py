@@ -91,6 +91,8 @@ class EmbeddingStore:
         self._image_paths: list[str] | None = None
         self._meta_cache: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, np.ndarray] = {}
+        # column -> shards whose status chunk could not be decoded at the last status() call
+        self.damaged_status: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -433,8 +435,23 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ status
 
     def status(self, name: str) -> np.ndarray:
+        """uint8 (N,) MISSING/OK/FAILED. A damaged status chunk (bad checksum, truncated) never crashes the
+        caller: its rows read as MISSING (so a build recomputes that shard and a trainer skips it) and the
+        shard is listed in ``damaged_status[name]`` (``olacache verify`` reports it)."""
         self._meta(name)
-        return np.asarray(self._b.read_all(f"{name}/{STATUS}"), dtype=np.uint8)
+        path = f"{name}/{STATUS}"
+        try:
+            st = np.asarray(self._b.read_all(path), dtype=np.uint8)
+            self.damaged_status[name] = []
+            return st
+        except Exception as e:
+            if not _is_decode_error(e):
+                raise
+        st = np.zeros(self.n_images, dtype=np.uint8)
+        bad = self._b.read_rows_into(path, np.arange(self.n_images), st, np.arange(self.n_images))
+        st[bad] = MISSING
+        self.damaged_status[name] = sorted({int(r) // self.shard_size for r in bad})
+        return st
 
     def complete_shards(self, name: str) -> np.ndarray:
         """bool (n_shards,): a shard is complete iff none of its status entries is MISSING."""
@@ -471,7 +488,8 @@ class EmbeddingStore:
                              f"{len(rows)} rows)") from None
         self._write_values(name, rows.start, data, scale)
         self._write_errors(name, rows.start, errs)
-        self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
+        if self._b.has_array(f"{name}/{DIGEST}"):  # absent in columns upgraded from format 1
+            self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
         self._write_status(name, rows.start, st)
 
     # Three steps as separate methods so the tests can simulate a crash between them.
@@ -562,7 +580,7 @@ class EmbeddingStore:
         for a in arrays:
             problems += [f"{self.url}: teacher {name!r}: {p}" for p in
                          self._b.check_shard(f"{name}/{a}", shard, self.shard_size)]
-        if problems or self.version < 2:
+        if problems or not self._b.has_array(f"{name}/{DIGEST}"):
             return problems
         try:
             digests = self._digests.get(name)
@@ -601,3 +619,9 @@ def shard_digest(data: np.ndarray, scale: np.ndarray | None) -> int:
     """crc32c of a shard's stored target bytes, then its scale bytes (int8 columns)."""
     return _crc_bytes(np.ascontiguousarray(data).tobytes(),
                       b"" if scale is None else np.ascontiguousarray(scale).tobytes())
+
+
+def _is_decode_error(e: BaseException) -> bool:
+    """Stored bytes that do not decode (zarr: ValueError/IndexError from a codec; h5py: OSError from a
+    filter or a truncated chunk) as opposed to a bad call."""
+    return isinstance(e, ValueError | IndexError | OSError) and not isinstance(e, FileNotFoundError | PermissionError)

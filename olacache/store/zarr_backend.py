@@ -228,6 +228,13 @@ class ZarrBackend(Backend):
             self._arrays[path] = a
         return a
 
+    def has_array(self, path: str) -> bool:
+        try:
+            self._arr(path)
+            return True
+        except StoreError:
+            return False
+
     def _text_v2(self, path: str) -> str | None:
         """The format-2 array holding the logical text array ``path``, or None (format 1: zarr strings)."""
         if self.version < 2:
@@ -295,7 +302,7 @@ class ZarrBackend(Backend):
                     bad += sub[sel].tolist()
                 else:
                     out[dest[a:b][sel]] = np.asarray(part)[sub[sel] - k * c]
-        if must_exist and self.version >= 2 and arr.shards is not None:
+        if must_exist and _inner_crc(arr):
             bad += self._rows_of_missing_shards(arr, rows, out, dest)
         return np.unique(np.asarray(bad, dtype=np.int64))
 
@@ -367,6 +374,13 @@ class ZarrBackend(Backend):
         self._readers.clear()
         self._pool.close()
         self._g.store.close()
+
+
+def _inner_crc(arr: zarr.Array) -> bool:
+    """A format-2 sharded array: inner chunks carry crc32c and are all written (a missing one is damage)."""
+    codecs = arr.metadata.codecs
+    return (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
+            and any(isinstance(c, Crc32cCodec) for c in codecs[0].codecs))
 
 
 def _is_checksum_error(e: BaseException) -> bool:
