@@ -73,6 +73,8 @@ def build_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N. [default: auto]")] = None,
     bgr_quirk: Annotated[bool, typer.Option("--bgr-quirk", help="Reproduce the reference's BGR-swapped depth input (checkpoint-faithful targets).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    extend: Annotated[bool, typer.Option("--extend", help="Add these annotations' new images to an existing store (images already there are neither recomputed nor rewritten).")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec option for an object-storage --out, key=value (repeatable), e.g. endpoint_url=http://host:8333. [default: the AWS_* variables]")] = None,
 ) -> None:
     """Build (or resume) a teacher-embedding store. Safe to kill and re-run; under `torchrun` each rank
     builds disjoint shards."""
@@ -94,7 +96,9 @@ def build_cmd(
         teachers=[t.strip() for t in teachers.split(",") if t.strip()] if teachers else None,
         preset=preset, batch_size=batch_size, shard_size=shard_size, dtype=dtype, format=format_,
         workers=workers, overwrite_teacher=overwrite_teacher or None, device=device,
+        extend=extend or None,
     )
+    _storage_options(storage_option)
     try:
         if config is not None:
             cfg = BuildConfig.from_file(config, **cli)
@@ -171,15 +175,30 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _storage_options(items: list[str] | None) -> None:
+    """--storage-option key=value -> process-wide fsspec options (olacache.store.remote)."""
+    if not items:
+        return
+    from olacache.store import StoreError
+    from olacache.store.remote import parse_storage_options, set_default_storage_options
+
+    try:
+        set_default_storage_options(parse_storage_options(items))
+    except StoreError as e:
+        _fail(str(e))
+
+
 @olacache_app.command("info")
 def info_cmd(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object (per-teacher shape, dtype, n_ok, n_failed, n_missing, bytes).")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec option key=value for an object-storage URL (repeatable).")] = None,
 ) -> None:
     """What a store holds: teachers, shapes, dtype/codec, weights identity, counts, bytes."""
     from olacache.store import StoreError
     from olacache.verify import store_info
 
+    _storage_options(storage_option)
     try:
         info = store_info(store)
     except StoreError as e:
@@ -210,12 +229,14 @@ def verify_cmd(
     device: Annotated[str, typer.Option(help="Device for --recompute.")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json")] = False,
     repair: Annotated[bool, typer.Option("--repair", help="Mark shards with damaged chunks incomplete so the next `olacache build` recomputes exactly them.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec option key=value for an object-storage URL (repeatable).")] = None,
 ) -> None:
     """Check structure, completeness and every complete shard's files and checksums; with --recompute K,
     parity against the live teachers."""
     from olacache.store import StoreError
     from olacache.verify import verify_store
 
+    _storage_options(storage_option)
     try:
         rep = verify_store(store, recompute, image_root=image_root, device=device, repair=repair)
     except StoreError as e:

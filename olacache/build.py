@@ -68,6 +68,8 @@ class BuildConfig:
     overwrite_teacher: list[str] = field(default_factory=list)
     device: str = "auto"
     progress: bool = True
+    # --extend: add the annotations' images that are not in the store yet (see extend_store below)
+    extend: bool = False
 
     @classmethod
     def from_file(cls, path: str | Path, **cli: Any) -> BuildConfig:

@@ -97,8 +97,15 @@ class ZarrBackend(Backend):
     def _store(url: str, local: Path | None, read_only: bool) -> Any:
         if local is not None:
             return LocalStore(local, read_only=read_only)
+        from olacache.store.remote import storage_options
+
+        opts = storage_options()
+        if url.split("://")[0] in ("s3", "s3a"):
+            # s3fs caches directory listings per process: another writer's new column (or shard) would stay
+            # invisible to a long-lived process (seen: a column added by a build missing from `teachers`).
+            opts.setdefault("use_listings_cache", False)
         try:
-            return FsspecStore.from_url(url, read_only=read_only)
+            return FsspecStore.from_url(url, read_only=read_only, storage_options=opts or None)
         except Exception as e:  # fsspec raises anything from ImportError to ValueError here
             raise StoreError(f"{url}: cannot open this URL through fsspec: {e}") from e
 
@@ -225,6 +232,10 @@ class ZarrBackend(Backend):
             except KeyError:
                 raise StoreError(f"{self.url}: array {path!r} is missing; the store is incomplete") from None
             assert isinstance(a, zarr.Array)
+            if _inner_crc(a):
+                # a runtime setting, not stored in the metadata: every format-2 sharded array is written with
+                # all its chunks (an all-zero shard too), so a missing shard file is always damage
+                a = a.with_config({"write_empty_chunks": True})
             self._arrays[path] = a
         return a
 
