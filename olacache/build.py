@@ -109,6 +109,7 @@ class BuildSummary:
     images_per_s: float
     teachers: list[TeacherSummary]
     failures: list[tuple[str, str]]  # (image path, reason), union over teachers
+    images_reused: int = 0  # images already in the store (not computed by this run; --extend reports it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +142,10 @@ def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], 
         try:
             if EmbeddingStore.exists(cfg.out):
                 store = EmbeddingStore.open(cfg.out, mode="r+")
-                store.require_image_set(paths)
+                if cfg.extend:
+                    extend_existing(store, cfg, paths)
+                else:
+                    store.require_image_set(paths)
                 if store.shard_size != cfg.shard_size:
                     # the shard size is part of the layout; resuming keeps the store's own
                     cfg.shard_size = store.shard_size
@@ -182,6 +186,24 @@ def _prepare_column(store: EmbeddingStore, cfg: BuildConfig, name: str, teacher:
             raise StoreMismatch(f"{e}. Use --overwrite-teacher {name} to replace that column on purpose, "
                                 "or --out a new store.") from None
         store.add_teacher(name, shape, dtype=cfg.dtype, attrs=attrs, kind=teacher.target_kind, replace=True)
+
+
+# ----------------------------------------------------------------------------------------------- --extend
+def extend_existing(store: EmbeddingStore, cfg: BuildConfig, paths: list[str]) -> None:
+    """--extend: every teacher of the store is computed for the new images (so every one must be requested);
+    the images already there are neither recomputed nor rewritten (olacache.store.extend)."""
+    from olacache.store.extend import extend_store
+
+    missing = [t for t in store.teachers if t not in cfg.teachers]
+    if missing:
+        raise BuildError(f"--extend computes every teacher of the store for the new images; add {missing} to "
+                         f"--teachers (the store has {store.teachers})")
+    extend_store(store, paths)
+
+
+def images_reused(store: EmbeddingStore, computed: int) -> int:
+    """Images of the store (without padding rows) that this run did not compute."""
+    return sum(1 for p in store.image_paths if p) - computed
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -351,4 +373,5 @@ def summarize(store: EmbeddingStore, cfg: BuildConfig, samples: list[dict], text
         shards_skipped_complete=store.n_shards - shards_computed, images_computed=computed,
         seconds=seconds, images_per_s=computed / seconds if seconds > 0 else math.nan,
         teachers=tsum, failures=sorted(failures.items()),
+        images_reused=images_reused(store, computed),
     )

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from olacache.store import FAILED, FORMAT_VERSION, MISSING, OK, EmbeddingStore, image_set_fingerprint
+from olacache.store.format import PAD
 
 
 def store_info(url: str) -> dict[str, Any]:
@@ -79,9 +80,10 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                                 f"readable; `olacache upgrade {url}` converts it in place")
         if len(s.image_paths) != s.n_images:
             rep.problems.append(f"index holds {len(s.image_paths)} paths but n_images is {s.n_images}")
-        if image_set_fingerprint(s.image_paths) != s.fingerprint:
+        real = [p for p in s.image_paths if p]  # without an extension's padding rows (path "")
+        if image_set_fingerprint(real) != s.fingerprint:
             rep.problems.append("the index does not match the stored image-set fingerprint")
-        if len(set(s.image_paths)) != len(s.image_paths):
+        if len(set(real)) != len(real):
             rep.problems.append("the index holds duplicate image paths")
         if not s.teachers:
             rep.warnings.append("the store has no teacher columns yet")
@@ -108,7 +110,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                     f"{t}: {n_missing} image(s) missing in {int((~done).sum())} incomplete shard(s) "
                     "(an interrupted build: run the same `olacache build` again to finish it)"
                 )
-            bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED}
+            bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED, PAD}
             if bad_status:
                 rep.problems.append(f"{t}: unknown status codes {sorted(bad_status)}")
             failed_paths = {p for p, _ in s.errors(t)}
@@ -151,7 +153,7 @@ def check_integrity(s: EmbeddingStore, t: str, st: np.ndarray, rep: VerifyReport
         return bad
     for shard in np.flatnonzero(done).tolist():
         try:
-            probs = s.check_shard(t, shard)
+            probs = s.check_shard(t, shard, st)
         except Exception as e:
             probs = [f"{t}: shard {shard}: check failed ({type(e).__name__}: {e})"]
         if probs:

@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 KEY, SECRET, BUCKET = "olakit-test", "olakit-test-secret", "olakit"
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from olacache.store.format import StoreError
 from olacache.store.pread import ReadPool
 
 
@@ -59,6 +60,15 @@ class Backend(ABC):
 
     @abstractmethod
     def has_array(self, path: str) -> bool: ...
+
+    def resize(self, path: str, n_rows: int) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
+
+    def write_index(self, paths: list[str]) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
 
     # set by each backend's __init__: raw-read switch, per-array raw readers (None = not applicable), threads
     _fast_reads: bool

@@ -32,6 +32,8 @@ FORMAT_VERSION = 2
 # Versions this code reads; older ones read-only until `olacache upgrade` converts them.
 READABLE_VERSIONS = (1, 2)
 MISSING, OK, FAILED = 0, 1, 2
+# a row with no image: padding up to a shard boundary before the rows an extension added (olacache.store.extend)
+PAD = 3
 
 FLOAT16_MAX = 65504.0
 INDEX_PATH = "index/image_path"

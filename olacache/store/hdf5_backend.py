@@ -275,9 +275,10 @@ class Hdf5Backend(Backend):
                     "fletcher32 checksum" for k in sorted({int(r) // c for r in bad})]
         return []
 
-    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int) -> bytes:
+    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int, n_rows: int | None = None) -> bytes:
         ds = self._ds(path)
         lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, ds.shape[0])
+        hi = hi if n_rows is None else lo + n_rows
         return np.ascontiguousarray(ds[lo:hi]).tobytes()
 
     def nbytes(self, column: str | None) -> int:

@@ -29,6 +29,7 @@ from olacache.store.format import (
     INDEX_PATH,
     KINDS,
     MISSING,
+    PAD,
     READABLE_VERSIONS,
     RESERVED_COLUMN_ATTRS,
     SCALE,
@@ -246,7 +247,9 @@ class EmbeddingStore:
         if fp == self.fingerprint:
             return
         want = [normalize_image_path(p) for p in image_paths]
-        have = self.image_paths
+        have = [p for p in self.image_paths if p]  # without an extension's padding rows
+        if self.attrs.get("extended") and set(want) == set(have) and len(want) == len(have):
+            return  # an extended store: rows are no longer globally sorted; the SET is what must match
         detail = [f"{len(have)} images in the store vs {len(want)} requested"]
         added, removed = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         if added:
@@ -571,9 +574,11 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ integrity
 
-    def check_shard(self, name: str, shard: int) -> list[str]:
+    def check_shard(self, name: str, shard: int, status: np.ndarray | None = None) -> list[str]:
         """Problems of one shard of a column: its files must exist, parse and pass their checksums, and its
-        stored bytes must match the shard digest written with it (format 2). Never raises on damage."""
+        stored bytes must match the shard digest written with it (format 2). Never raises on damage.
+        ``status``: the column's status (saves a read per shard); padding rows (an extension's) at the shard's
+        end were not there when the digest was written and are left out of it."""
         meta = self._meta(name)
         arrays = [TARGET] + ([SCALE] if meta["dtype"] == "int8" else [])
         problems: list[str] = []
@@ -587,8 +592,11 @@ class EmbeddingStore:
             if digests is None:
                 digests = self._digests[name] = np.asarray(self._b.read_all(f"{name}/{DIGEST}"))
             want = int(digests[shard])
-            data = self._b.shard_digest_bytes(f"{name}/{TARGET}", shard, self.shard_size)
-            sc = (self._b.shard_digest_bytes(f"{name}/{SCALE}", shard, self.shard_size)
+            st = (self.status(name) if status is None else status)[self.shard_rows(shard).start:
+                                                                   self.shard_rows(shard).stop]
+            k = int((st != PAD).sum())
+            data = self._b.shard_digest_bytes(f"{name}/{TARGET}", shard, self.shard_size, k)
+            sc = (self._b.shard_digest_bytes(f"{name}/{SCALE}", shard, self.shard_size, k)
                   if meta["dtype"] == "int8" else b"")
         except Exception as e:
             return [f"{self.url}: teacher {name!r} shard {shard}: digest unreadable ({type(e).__name__}: {e})"]

@@ -239,6 +239,29 @@ class ZarrBackend(Backend):
             self._arrays[path] = a
         return a
 
+    def resize(self, path: str, n_rows: int) -> None:
+        text = self._text_v2(path)
+        arr = self._arr(text if text is not None else path)
+        if arr.shape[0] != n_rows:
+            arr.resize((n_rows, *arr.shape[1:]))
+        self._forget(path.split("/")[0])
+
+    def write_index(self, paths: list[str]) -> None:
+        """Extend the index to ``paths`` (whose head is the current index): only the tail is written."""
+        data, offsets = encode_concat(paths)
+        for name, arr in ((PATH_OFFSETS, offsets), (PATH_UTF8, data)):
+            a = self._arr(name)
+            old = a.shape[0]
+            if old != len(arr):
+                a.resize((len(arr),))
+            start = max(0, min(old, len(arr)) - 1)
+            if len(arr) > start:
+                a[start:] = arr[start:]
+            self._arrays.pop(name, None)
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        self._g.update_attributes(attrs)
+
     def has_array(self, path: str) -> bool:
         try:
             self._arr(path)
@@ -267,8 +290,10 @@ class ZarrBackend(Backend):
     def read_all(self, path: str) -> np.ndarray:
         text = self._text_v2(path)
         if text == PATH_UTF8:
+            # only the committed rows: an extension killed before its commit point left a longer index
+            n = int(self._g.attrs.get("n_images", self._arr(PATH_OFFSETS).shape[0] - 1))
             return np.array(
-                decode_concat(self._arr(PATH_UTF8)[:], self._arr(PATH_OFFSETS)[:]), dtype=object
+                decode_concat(self._arr(PATH_UTF8)[:], self._arr(PATH_OFFSETS)[: n + 1]), dtype=object
             )
         if text is not None:
             return decode_fixed(self._arr(text)[:])
@@ -368,10 +393,11 @@ class ZarrBackend(Backend):
                     for k in chunks]
         return []
 
-    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int) -> bytes:
+    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int, n_rows: int | None = None) -> bytes:
         """The shard's decoded bytes (for the per-shard digest)."""
         arr = self._arr(path)
         lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
+        hi = hi if n_rows is None else lo + n_rows
         return np.ascontiguousarray(arr[lo:hi]).tobytes()
 
     def nbytes(self, column: str | None) -> int:
