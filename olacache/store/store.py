@@ -18,18 +18,16 @@ import numpy as np
 
 from olacache.inputs.keys import image_set_fingerprint, normalize_image_path
 from olacache.store.backend import Backend
+from olacache.store.checks import check_new_paths, check_teacher_args
 from olacache.store.format import (
-    COLUMN_NAME,
     DEFAULT_READ_THREADS,
     DIGEST,
-    DTYPES,
     ERRORS,
     FAILED,
     FORMAT_VERSION,
     INDEX_PATH,
     KINDS,
     MISSING,
-    PAD,
     READABLE_VERSIONS,
     RESERVED_COLUMN_ATTRS,
     SCALE,
@@ -46,6 +44,7 @@ from olacache.store.format import (
     jsonable,
     resolve_url,
 )
+from olacache.store.integrity import check_shard, describe_bad_rows, is_decode_error, shard_digest
 from olacache.store.pread import aligned_empty, plan_reads
 from olacache.store.quant import dequantize_int8, encode_shard
 
@@ -119,20 +118,7 @@ class EmbeddingStore:
         paths = list(image_paths)
         if not paths:
             raise StoreError(f"{disp}: cannot create a store with no images")
-        for p in paths:
-            try:
-                norm = normalize_image_path(p)
-            except ValueError as e:
-                raise StoreError(f"{disp}: {e}") from None
-            if norm != p:
-                raise StoreError(
-                    f"{disp}: image path {p!r} is not normalised (normalize_image_path gives {norm!r}); "
-                    "normalise paths before creating the store"
-                )
-        if len(set(paths)) != len(paths):
-            seen: set[str] = set()
-            dup = next(p for p in paths if p in seen or seen.add(p))  # type: ignore[func-returns-value]
-            raise StoreError(f"{disp}: duplicate image path {dup!r}; store rows are unique images")
+        check_new_paths(disp, paths)
         attrs = {
             "format_version": FORMAT_VERSION,
             "created_by": created_by or f"olacache {__version__}",
@@ -333,25 +319,7 @@ class EmbeddingStore:
         fp16 features compress ~1.09x and compression disables the byte-range fast read path. ``kind``
         (``"spatial"``/``"global"``, default from the shape) is recorded for the trainer (docs/method.md §3.4)."""
         self._check_writable()
-        if not isinstance(name, str) or not COLUMN_NAME.match(name) or name == "index":
-            raise StoreError(
-                f"{self.url}: bad teacher name {name!r}; use letters, digits, '_', '-', '.', starting with a "
-                "letter (and not 'index')"
-            )
-        if dtype not in DTYPES:
-            raise StoreError(f"{self.url}: teacher {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
-        shape = tuple(int(s) for s in target_shape)
-        if not shape or any(s < 1 for s in shape):
-            raise StoreError(
-                f"{self.url}: teacher {name!r}: target_shape must be non-empty and positive, got {target_shape!r}"
-            )
-        kind = default_kind(shape) if kind is None else kind
-        if kind not in KINDS:
-            raise StoreError(f"{self.url}: teacher {name!r}: kind must be one of {KINDS}, got {kind!r}")
-        user = jsonable(dict(attrs or {}), f"attrs of teacher {name!r}")
-        bad = [k for k in RESERVED_COLUMN_ATTRS if k in user]
-        if bad:
-            raise StoreError(f"{self.url}: teacher {name!r}: attrs {bad} are set by the store itself")
+        shape, kind, user = check_teacher_args(self.url, name, target_shape, dtype, kind, attrs)
         if name in self._b.list_columns() and name not in self.teachers:
             self._b.delete_column(name)  # half-created by a crashed add_teacher; it holds nothing
         elif name in self._b.list_columns():
@@ -448,7 +416,7 @@ class EmbeddingStore:
             self.damaged_status[name] = []
             return st
         except Exception as e:
-            if not _is_decode_error(e):
+            if not is_decode_error(e):
                 raise
         st = np.zeros(self.n_images, dtype=np.uint8)
         bad = self._b.read_rows_into(path, np.arange(self.n_images), st, np.arange(self.n_images))
@@ -524,14 +492,7 @@ class EmbeddingStore:
 
     def describe_bad_rows(self, name: str, bad: np.ndarray) -> str:
         """One line naming the store, teacher, shards and row ranges of damaged rows."""
-        shards = sorted({int(r) // self.shard_size for r in bad})
-        parts = []
-        for sh in shards[:5]:
-            rs = [int(r) for r in bad if int(r) // self.shard_size == sh]
-            parts.append(f"shard {sh} rows {min(rs)}-{max(rs)}")
-        more = f" (+{len(shards) - 5} more shards)" if len(shards) > 5 else ""
-        return (f"{self.url}: teacher {name!r}: {len(bad)} row(s) fail their checksum ({'; '.join(parts)}{more}); "
-                f"the store is damaged: `olacache verify --repair {self.url}` marks those shards for recompute")
+        return describe_bad_rows(self.url, name, self.shard_size, bad)
 
     def _check_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         r = np.asarray(rows)
@@ -575,61 +536,12 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ integrity
 
     def check_shard(self, name: str, shard: int, status: np.ndarray | None = None) -> list[str]:
-        """Problems of one shard of a column: its files must exist, parse and pass their checksums, and its
-        stored bytes must match the shard digest written with it (format 2). Never raises on damage.
-        ``status``: the column's status (saves a read per shard); padding rows (an extension's) at the shard's
-        end were not there when the digest was written and are left out of it."""
-        meta = self._meta(name)
-        arrays = [TARGET] + ([SCALE] if meta["dtype"] == "int8" else [])
-        problems: list[str] = []
-        for a in arrays:
-            problems += [f"{self.url}: teacher {name!r}: {p}" for p in
-                         self._b.check_shard(f"{name}/{a}", shard, self.shard_size)]
-        if problems or not self._b.has_array(f"{name}/{DIGEST}"):
-            return problems
-        try:
-            digests = self._digests.get(name)
-            if digests is None:
-                digests = self._digests[name] = np.asarray(self._b.read_all(f"{name}/{DIGEST}"))
-            want = int(digests[shard])
-            st = (self.status(name) if status is None else status)[self.shard_rows(shard).start:
-                                                                   self.shard_rows(shard).stop]
-            k = int((st != PAD).sum())
-            data = self._b.shard_digest_bytes(f"{name}/{TARGET}", shard, self.shard_size, k)
-            sc = (self._b.shard_digest_bytes(f"{name}/{SCALE}", shard, self.shard_size, k)
-                  if meta["dtype"] == "int8" else b"")
-        except Exception as e:
-            return [f"{self.url}: teacher {name!r} shard {shard}: digest unreadable ({type(e).__name__}: {e})"]
-        if _crc_bytes(data, sc) != want:
-            rows = self.shard_rows(shard)
-            problems.append(
-                f"{self.url}: teacher {name!r} shard {shard} (rows {rows.start}-{rows.stop - 1}): stored bytes do "
-                "not match the shard's digest (a shard file swapped or replaced from elsewhere)"
-            )
-        return problems
+        """Problems of one shard of a column (files exist, parse, pass their checksums and the shard digest);
+        [] when whole. Never raises on damage. See olacache.store.integrity.check_shard."""
+        return check_shard(self, name, shard, status)
 
     def nbytes(self, name: str | None = None) -> int:
         """Bytes on disk of one column, or of the whole store."""
         if name is not None:
             self._meta(name)
         return int(self._b.nbytes(name))
-
-
-
-
-def _crc_bytes(data: bytes, scale: bytes) -> int:
-    import google_crc32c
-
-    return int(google_crc32c.extend(google_crc32c.value(data), scale)) if scale else int(google_crc32c.value(data))
-
-
-def shard_digest(data: np.ndarray, scale: np.ndarray | None) -> int:
-    """crc32c of a shard's stored target bytes, then its scale bytes (int8 columns)."""
-    return _crc_bytes(np.ascontiguousarray(data).tobytes(),
-                      b"" if scale is None else np.ascontiguousarray(scale).tobytes())
-
-
-def _is_decode_error(e: BaseException) -> bool:
-    """Stored bytes that do not decode (zarr: ValueError/IndexError from a codec; h5py: OSError from a
-    filter or a truncated chunk) as opposed to a bad call."""
-    return isinstance(e, ValueError | IndexError | OSError) and not isinstance(e, FileNotFoundError | PermissionError)
