@@ -188,6 +188,27 @@ def _prepare_column(store: EmbeddingStore, cfg: BuildConfig, name: str, teacher:
         store.add_teacher(name, shape, dtype=cfg.dtype, attrs=attrs, kind=teacher.target_kind, replace=True)
 
 
+# ----------------------------------------------------------------------------------------------- writer lease
+def take_writer_lease(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None]) -> Any:
+    """Rank 0 takes the store's writer lease (olacache.store.lease; the job's other ranks share it); another
+    live writer is refused before anything is written. Released at the end of the build (or at exit)."""
+    err: str | None = None
+    lease = None
+    if rt.main:
+        from olacache.store.lease import acquire
+
+        try:
+            lease = acquire(cfg.out, hdf5=cfg.format == "hdf5", log=log)
+        except Exception as e:
+            err = str(e)
+            if not rt.distributed:
+                raise BuildError(err) from None
+    err = rt.broadcast_object(err)
+    if err is not None:
+        raise BuildError(err)
+    return lease
+
+
 # ----------------------------------------------------------------------------------------------- --extend
 def extend_existing(store: EmbeddingStore, cfg: BuildConfig, paths: list[str]) -> None:
     """--extend: every teacher of the store is computed for the new images (so every one must be requested);
@@ -257,6 +278,7 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
 
     # 2. teachers, then the store (all mismatches are refused here, before any work)
     teachers = load_teachers(cfg, rt.device)
+    lease = take_writer_lease(cfg, rt, log)
     store = prepare_store(cfg, paths, teachers, rt)
 
     # 3. pending shards: any teacher whose status chunk for the shard is incomplete; this rank's share
@@ -281,6 +303,8 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
         record_column_stats(store, cfg, list(teachers), cos_all)
         summary = summarize(store, cfg, samples, text_only, len(pending), computed_all, time.perf_counter() - t0)
     store.close()
+    if lease is not None:
+        lease.release()
     return rt.broadcast_object(summary)
 
 

@@ -168,6 +168,9 @@ def check_integrity(s: EmbeddingStore, t: str, st: np.ndarray, rep: VerifyReport
 def repair_shards(url: str, damaged: dict[str, list[int]], rep: VerifyReport) -> None:
     """Mark damaged shards incomplete (status MISSING): the next `olacache build` with the same arguments
     recomputes exactly those shards and nothing else."""
+    from olacache.store.lease import acquire
+
+    lease = acquire(url, log=lambda m: rep.warnings.append(m))
     with EmbeddingStore.open(url, mode="r+") as s:
         for t, shards in damaged.items():
             for shard in sorted(set(shards)):
@@ -175,6 +178,7 @@ def repair_shards(url: str, damaged: dict[str, list[int]], rep: VerifyReport) ->
                 s._write_status(t, rows.start, np.full(len(rows), MISSING, dtype=np.uint8))
             rep.warnings.append(f"{t}: repair: marked {len(set(shards))} damaged shard(s) {sorted(set(shards))} "
                                 "incomplete; run the same `olacache build` again to recompute them")
+    lease.release()
 
 
 def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: str | None, device: str,

@@ -21,12 +21,17 @@ from olacache.store.format import ERRORS, FORMAT_VERSION, INDEX_PATH, StoreError
 
 def upgrade_store(url: str | os.PathLike[str], log: Any = print) -> str:
     """Upgrade in place; -> a one-line summary. Raises StoreError for anything that is not a store."""
+    from olacache.store.lease import acquire
+
     disp, local = resolve_url(url)
-    if local is not None and local.is_file():
-        return _upgrade_hdf5(disp, local, log)
     if local is not None and not local.exists():
         raise StoreError(f"{disp}: no embedding store there (path does not exist)")
-    return _upgrade_zarr(disp, local, log)
+    is_file = local is not None and local.is_file()
+    lease = acquire(url, hdf5=is_file, log=log)  # no build may write while the layout changes
+    try:
+        return _upgrade_hdf5(disp, local, log) if is_file else _upgrade_zarr(disp, local, log)
+    finally:
+        lease.release()
 
 
 def _upgrade_zarr(url: str, local: Any, log: Any) -> str:
