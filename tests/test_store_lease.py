@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 from conftest import EXAMPLES, ROOT
@@ -82,3 +83,28 @@ def test_killed_creation_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert s.image_paths == PATHS
     with EmbeddingStore.open(url) as s:
         assert s.n_images == len(PATHS) and s.image_paths == PATHS
+
+
+def test_hdf5_full_disk_is_one_line_and_keeps_complete_shards(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from olacache.store import OK, StoreError
+    from olacache.verify import verify_store
+
+    url = tmp_path / "s.h5"
+    v = np.random.default_rng(0).standard_normal((10, 64, 64), dtype=np.float32)
+    with EmbeddingStore.create(url, PATHS, shard_size=4, format="hdf5") as s:
+        s.add_teacher("t", (64, 64))
+        s.write_shard("t", 0, v[:4], np.full(4, OK, np.uint8), [""] * 4)
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+        with pytest.raises(StoreError, match="not enough free disk space.*every complete shard is kept"):
+            s.write_shard("t", 1, v[4:8], np.full(4, OK, np.uint8), [""] * 4)
+    monkeypatch.undo()
+    with EmbeddingStore.open(url) as s:
+        assert s.complete_shards("t").tolist() == [True, False, False]
+        np.testing.assert_array_equal(s.read_rows("t", [0, 3]), v[[0, 3]].astype(np.float16))
+    rep = verify_store(str(url))
+    assert any("missing in 2 incomplete shard" in p for p in rep.problems)

@@ -61,6 +61,9 @@ class Backend(ABC):
     @abstractmethod
     def has_array(self, path: str) -> bool: ...
 
+    def check_space(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Raise StoreError if a write of ``nbytes`` would not fit (local stores; remote ones cannot tell)."""
+
     def resize(self, path: str, n_rows: int) -> None:
         raise StoreError(f"{self.format} stores cannot be extended")
 

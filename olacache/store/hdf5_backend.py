@@ -58,6 +58,7 @@ def _open_file(url: str, path: Path, mode: str) -> h5py.File:
 
 
 JSON_KEYS = "olacache_json"
+HDF5_SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a shard (HDF5 metadata, B-tree growth)
 
 
 def _native(value: Any) -> Any | None:
@@ -222,6 +223,20 @@ class Hdf5Backend(Backend):
 
     def write(self, path: str, start: int, values: np.ndarray) -> None:
         self._ds(path)[start : start + len(values)] = values
+
+    def check_space(self, nbytes: int) -> None:
+        # HDF5 metadata is not crash-safe: an ENOSPC mid-write has been seen to corrupt the file ("Bus error",
+        # every computed shard lost). So a shard is written only if it fits with room for metadata to spare.
+        import shutil
+
+        free = shutil.disk_usage(self._path.parent).free
+        want = int(nbytes * 1.1) + HDF5_SPACE_MARGIN
+        if free < want:
+            raise StoreError(
+                f"{self.url}: not enough free disk space to write the next shard safely ({free / 2**20:.0f} MiB "
+                f"free, {want / 2**20:.0f} MiB needed); every complete shard is kept: free space and run the same "
+                "build again"
+            )
 
     def has_array(self, path: str) -> bool:
         return isinstance(self._f.get(path), h5py.Dataset)

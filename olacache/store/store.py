@@ -9,6 +9,7 @@ and quantisation, so both formats behave identically.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -457,11 +458,21 @@ class EmbeddingStore:
         except ValueError as e:
             raise StoreError(f"{self.url}: write_shard({name!r}, {shard}): {e} (shard {shard} has "
                              f"{len(rows)} rows)") from None
-        self._write_values(name, rows.start, data, scale)
-        self._write_errors(name, rows.start, errs)
-        if self._b.has_array(f"{name}/{DIGEST}"):  # absent in columns upgraded from format 1
-            self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
-        self._write_status(name, rows.start, st)
+        need = data.nbytes + (0 if scale is None else scale.nbytes)
+        self._b.check_space(need)  # HDF5: a write that fills the disk can corrupt the file; refuse before it
+        try:
+            self._write_values(name, rows.start, data, scale)
+            self._write_errors(name, rows.start, errs)
+            if self._b.has_array(f"{name}/{DIGEST}"):  # absent in columns upgraded from format 1
+                self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
+            self._write_status(name, rows.start, st)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"{self.url}: no space left on the device while writing shard {shard} of {name!r} ({e}); "
+                    "every shard completed before it is kept: free space and run the same build again"
+                ) from None
+            raise
 
     # Three steps as separate methods so the tests can simulate a crash between them.
     def _write_values(self, name: str, start: int, data: np.ndarray, scale: np.ndarray | None) -> None:
