@@ -189,3 +189,26 @@ def test_train_reads_targets_from_s3(s3, tmp_path):
     train.run(load_run(cfg, sets), log=logs.append, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "pt" / "metrics.jsonl").read_text().splitlines() if x]
     assert len(rows) == 2 and all(np.isfinite(r["loss_depth"]) for r in rows)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_remote_reader_equals_zarr_api(s3, dtype):
+    """The batched S3 reader returns exactly what zarr-python returns (written, failed and never-written rows,
+    one and several images per inner chunk), and is really the one in use."""
+    url = f"s3://{BUCKET}/api-{dtype}.zarr"
+    paths = [f"p/{i:03d}.jpg" for i in range(21)]
+    rng = np.random.default_rng(3)
+    with EmbeddingStore.create(url, paths, shard_size=8) as s:
+        for name, shape in (("big", (64, 1024)), ("small", (2, 16))):
+            s.add_teacher(name, shape, dtype=dtype)
+            v = rng.standard_normal((21, *shape), dtype=np.float32)
+            st = np.full(8, OK, np.uint8)
+            st[3] = 2
+            s.write_shard(name, 0, v[:8], st, ["", "", "", "bad", "", "", "", ""])
+            r = s.shard_rows(2)
+            s.write_shard(name, 2, v[r.start:r.stop], np.full(len(r), OK, np.uint8), [""] * len(r))
+    rows = np.array([20, 3, 0, 0, 9, 17, 16, 1, 2, 15, 8, 19, 4])
+    with EmbeddingStore.open(url) as fast, EmbeddingStore.open(url, fast_reads=False) as api:
+        for name in ("big", "small"):
+            np.testing.assert_array_equal(fast.read_rows(name, rows), api.read_rows(name, rows))
+            assert type(fast._b._readers[f"{name}/target"]).__name__ == "RemoteShardedReader"

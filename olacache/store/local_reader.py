@@ -29,6 +29,46 @@ except ImportError:  # pragma: no cover - depends on the installed zarr
 _MAX_U64 = np.uint64(2**64 - 1)
 
 
+def sharded_layout(arr: zarr.Array) -> tuple[int, int, bool, bool] | None:
+    """(shard rows, inner chunk rows, index at end, inner crc32c) if ``arr`` has exactly the layout the byte-range
+    readers understand (sharded, uncompressed little-endian inner chunks, crc32c-checked index), else None."""
+    meta = arr.metadata
+    if (
+        _crc32c is None
+        or sys.byteorder != "little"
+        or getattr(meta, "zarr_format", None) != 3
+    ):
+        return None
+    if arr.dtype.kind not in "iuf" or getattr(meta, "storage_transformers", ()):
+        return None
+    codecs = meta.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sc = codecs[0]
+    inner = sc.codecs
+    if (
+        len(inner) not in (1, 2)
+        or not isinstance(inner[0], BytesCodec)
+        or inner[0].endian not in (None, Endian.little)
+        or (len(inner) == 2 and not isinstance(inner[1], Crc32cCodec))
+    ):
+        return None
+    ic = sc.index_codecs
+    if not (
+        len(ic) == 2
+        and isinstance(ic[0], BytesCodec)
+        and ic[0].endian in (None, Endian.little)
+        and isinstance(ic[1], Crc32cCodec)
+    ):
+        return None
+    shard_shape = tuple(meta.chunk_grid.chunk_shape)
+    chunk_shape = tuple(sc.chunk_shape)
+    rest = tuple(arr.shape[1:])
+    if shard_shape[1:] != rest or chunk_shape[1:] != rest or shard_shape[0] % chunk_shape[0]:
+        return None
+    return shard_shape[0], chunk_shape[0], sc.index_location == ShardingCodecIndexLocation.end, len(inner) == 2
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     """A read-only view: google-crc32c's C function accepts a read-only buffer (not a writable one) and a copy
     to ``bytes`` halved the checksummed read rate (bench/README.md, "Checksums")."""
@@ -87,51 +127,19 @@ class LocalShardedReader:
     @classmethod
     def for_array(cls, arr: zarr.Array, local: Path | None, url: str = "") -> LocalShardedReader | None:
         """The fast reader if ``arr`` has exactly the layout it understands, else None (use the zarr API)."""
-        meta = arr.metadata
-        if (
-            local is None
-            or _crc32c is None
-            or sys.byteorder != "little"
-            or getattr(meta, "zarr_format", None) != 3
-        ):
+        lay = sharded_layout(arr)
+        if local is None or lay is None:
             return None
-        if arr.dtype.kind not in "iuf" or getattr(meta, "storage_transformers", ()):
-            return None
-        codecs = meta.codecs
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
-        sc = codecs[0]
-        inner = sc.codecs
-        if (
-            len(inner) not in (1, 2)
-            or not isinstance(inner[0], BytesCodec)
-            or inner[0].endian not in (None, Endian.little)
-            or (len(inner) == 2 and not isinstance(inner[1], Crc32cCodec))
-        ):
-            return None
-        ic = sc.index_codecs
-        if not (
-            len(ic) == 2
-            and isinstance(ic[0], BytesCodec)
-            and ic[0].endian in (None, Endian.little)
-            and isinstance(ic[1], Crc32cCodec)
-        ):
-            return None
-        shard_shape = tuple(meta.chunk_grid.chunk_shape)
-        chunk_shape = tuple(sc.chunk_shape)
-        rest = tuple(arr.shape[1:])
-        if shard_shape[1:] != rest or chunk_shape[1:] != rest or shard_shape[0] % chunk_shape[0]:
-            return None
+        shard_rows, chunk_rows, index_at_end, crc = lay
         return cls(
             local / arr.path,
             arr,
-            shard_rows=shard_shape[0],
-            chunk_rows=chunk_shape[0],
-            index_at_end=sc.index_location == ShardingCodecIndexLocation.end,
-            inner_crc=len(inner) == 2,
+            shard_rows=shard_rows,
+            chunk_rows=chunk_rows,
+            index_at_end=index_at_end,
+            inner_crc=crc,
             url=url or str(local),
         )
-
     def _shard_file(self, shard: int) -> Path:
         return self._dir / self._meta.encode_chunk_key((shard,) + (0,) * (self._ndim - 1))
 

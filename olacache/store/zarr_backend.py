@@ -287,7 +287,12 @@ class ZarrBackend(Backend):
             return decode_fixed(self._arr(text)[:])
         return np.asarray(self._arr(path)[:])
 
-    def _raw_reader(self, path: str) -> LocalShardedReader | None:
+    def _raw_reader(self, path: str) -> Any:
+        if self._local is None:
+            # object storage: cached shard indexes + one gather of coalesced byte ranges per batch
+            from olacache.store.remote_reader import RemoteShardedReader
+
+            return RemoteShardedReader.for_array(self._arr(path), self._g.store)
         return LocalShardedReader.for_array(self._arr(path), self._local, self.url)
 
     def _library_read_into(
