@@ -97,9 +97,10 @@ class LocalShardedReader:
     each inner chunk's crc32c, verified on the bytes read (a bad chunk's rows are zeroed and reported, never
     returned). Format-1 arrays (no inner checksum) read missing shards/chunks as the fill value like zarr.
 
-    Kept instead of the zarr/zarrs codec pipeline because it is clearly faster warm on a local disk: the issue's
-    side-by-side figures (warm, ratio to memmap: this reader 0.85, zarrs 0.39, tensorstore 0.24); the checksum
-    cost is in bench/README.md ("Checksums")."""
+    Kept instead of a library codec pipeline because it is clearly faster warm on a local disk: bench/README.md
+    "Store reads" (same run, ratio to memmap: this reader 0.93, zarr-python 0.13); a side-by-side run reported in
+    issue 10 put zarr-python + zarrs at 0.39 and tensorstore at 0.24 (not re-measured in this repository's bench).
+    Its crc32c cost (format 2) is in bench/README.md ("Store format 2")."""
 
     def __init__(
         self, array_dir: Path, arr: zarr.Array, shard_rows: int, chunk_rows: int, index_at_end: bool,

@@ -6,8 +6,9 @@ layout this store writes by default (sharding codec, uncompressed little-endian 
 index at the end of each shard file) the bytes of image ``r`` are simply ``index[r].offset`` within the shard
 file, so on a local filesystem ``LocalShardedReader`` reads each shard's index once (cached, revalidated by
 ``stat``), verifies its crc32c, and preads the images straight into the output batch. Anything else (remote
-fsspec stores, compressed columns, foreign layouts) goes through zarr's async API: the batch's contiguous runs
-are read concurrently on zarr's event loop in one ``sync`` call.
+fsspec stores get ``RemoteShardedReader`` (olacache.store.remote_reader) for the same layout; compressed
+columns and foreign layouts go through zarr's async API: the batch's contiguous runs are read concurrently on
+zarr's event loop in one ``sync`` call.
 
 Format 2: text lives in uint8 arrays (``olacache.store.strings``), every numeric chunk carries a crc32c (inside
 the sharding codec for target/scale, so a flipped bit names one inner chunk), and sharded arrays write every
