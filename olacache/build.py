@@ -279,7 +279,12 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
     # 2. teachers, then the store (all mismatches are refused here, before any work)
     teachers = load_teachers(cfg, rt.device)
     lease = take_writer_lease(cfg, rt, log)
-    store = prepare_store(cfg, paths, teachers, rt)
+    try:
+        store = prepare_store(cfg, paths, teachers, rt)
+    except BaseException:
+        if lease is not None:  # a refused build (mismatch) leaves no lease behind in a long-lived process
+            lease.release()
+        raise
 
     # 3. pending shards: any teacher whose status chunk for the shard is incomplete; this rank's share
     complete = {t: store.complete_shards(t) for t in teachers}
