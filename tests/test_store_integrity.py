@@ -166,13 +166,16 @@ def test_repair_then_build_recomputes_exactly_the_damaged_shard(tmp_path: Path) 
     assert res.returncode == 1 and "crc32c" in res.stdout, res.stdout
     with EmbeddingStore.open(out) as s:
         assert (s.status("gen")[8:16] == MISSING).all() and (s.status("gen")[:8] != MISSING).all()
+    # a status chunk truncated to 1 byte (shard 2): the build does not crash, it recomputes that shard too
+    (out / "gen" / "status" / "c" / "2").write_bytes(b"\x01")
+    mtimes[files[2]] = files[2].stat().st_mtime_ns
     res = _cli("build", *common, "--out", str(out), "--json")
     assert res.returncode == 0, res.stderr
-    assert '"shards_computed": 1' in res.stdout
+    assert '"shards_computed": 2' in res.stdout
     assert _cli("verify", str(out)).returncode == 0
     with EmbeddingStore.open(out) as s:
         np.testing.assert_array_equal(s.read_rows("gen", np.arange(s.n_images)), want)
         np.testing.assert_array_equal(s.status("gen"), st)
     changed = [f for f in files if f.stat().st_mtime_ns != mtimes[f]]
-    assert changed == [files[1]]
+    assert changed == [files[1], files[2]]  # exactly the damaged shards were rewritten
     assert FAILED in st or OK in st
