@@ -108,9 +108,12 @@ class Backend(ABC):
         """The fallback through zarr/h5py; returns the bad rows like read_rows_into."""
 
     @abstractmethod
-    def check_shard(self, path: str, shard: int, shard_rows: int) -> list[str]:
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
         """Problems of one shard of a sharded array (file gone, unparsable, a chunk failing its checksum), as
-        messages naming the row range; [] when it is whole. Never raises for damaged data."""
+        messages naming the row range; [] when it is whole. Never raises for damaged data. ``keep``: when
+        whole, the shard's values are appended to it (so a caller can checksum them without reading again)."""
 
     @abstractmethod
     def nbytes(self, column: str | None) -> int: ...

@@ -273,7 +273,9 @@ class Hdf5Backend(Backend):
                     bad.append(r)
         return np.asarray(bad, dtype=np.int64)
 
-    def check_shard(self, path: str, shard: int, shard_rows: int) -> list[str]:
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
         try:
             ds = self._ds(path)
         except Exception as e:
@@ -288,13 +290,9 @@ class Hdf5Backend(Backend):
             c = int(ds.chunks[0])
             return [f"{path} shard {shard}: chunk rows {k * c}-{min(k * c + c, ds.shape[0]) - 1} fails its "
                     "fletcher32 checksum" for k in sorted({int(r) // c for r in bad})]
+        if keep is not None:
+            keep.append(scratch)
         return []
-
-    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int, n_rows: int | None = None) -> bytes:
-        ds = self._ds(path)
-        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, ds.shape[0])
-        hi = hi if n_rows is None else lo + n_rows
-        return np.ascontiguousarray(ds[lo:hi]).tobytes()
 
     def nbytes(self, column: str | None) -> int:
         if column is None:

@@ -38,9 +38,11 @@ def check_shard(store: EmbeddingStore, name: str, shard: int, status: np.ndarray
     meta = store._meta(name)
     arrays = [TARGET] + ([SCALE] if meta["dtype"] == "int8" else [])
     problems: list[str] = []
+    kept: dict[str, list[np.ndarray]] = {}  # the shard's values as checked: the digest reuses them (one read)
     for a in arrays:
+        kept[a] = []
         problems += [f"{store.url}: teacher {name!r}: {p}" for p in
-                     store._b.check_shard(f"{name}/{a}", shard, store.shard_size)]
+                     store._b.check_shard(f"{name}/{a}", shard, store.shard_size, kept[a])]
     if problems or not store._b.has_array(f"{name}/{DIGEST}"):
         return problems
     try:
@@ -51,9 +53,8 @@ def check_shard(store: EmbeddingStore, name: str, shard: int, status: np.ndarray
         st = (store.status(name) if status is None else status)[store.shard_rows(shard).start:
                                                                store.shard_rows(shard).stop]
         k = int((st != PAD).sum())
-        data = store._b.shard_digest_bytes(f"{name}/{TARGET}", shard, store.shard_size, k)
-        sc = (store._b.shard_digest_bytes(f"{name}/{SCALE}", shard, store.shard_size, k)
-              if meta["dtype"] == "int8" else b"")
+        data = np.ascontiguousarray(kept[TARGET][0][:k]).tobytes()
+        sc = np.ascontiguousarray(kept[SCALE][0][:k]).tobytes() if meta["dtype"] == "int8" else b""
     except Exception as e:
         return [f"{store.url}: teacher {name!r} shard {shard}: digest unreadable ({type(e).__name__}: {e})"]
     if _crc_bytes(data, sc) != want:
@@ -80,4 +81,6 @@ def shard_digest(data: np.ndarray, scale: np.ndarray | None) -> int:
 def is_decode_error(e: BaseException) -> bool:
     """Stored bytes that do not decode (zarr: ValueError/IndexError from a codec; h5py: OSError from a
     filter or a truncated chunk) as opposed to a bad call."""
-    return isinstance(e, ValueError | IndexError | OSError) and not isinstance(e, FileNotFoundError | PermissionError)
+    return isinstance(e, ValueError | IndexError | OSError) and not isinstance(
+        e, FileNotFoundError | PermissionError
+    )

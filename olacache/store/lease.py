@@ -140,13 +140,15 @@ def acquire(url: str | os.PathLike[str], *, hdf5: bool = False, ttl: float = DEF
     cur = slot.read()
     if cur is not None and cur.get("job") != me["job"]:
         age = time.time() - float(cur.get("heartbeat", 0))
-        if age < float(cur.get("ttl", ttl)) and not _dead_here(str(cur.get("owner", ""))):
+        their_ttl = float(cur.get("ttl", ttl))
+        if age < their_ttl and not _dead_here(str(cur.get("owner", ""))):
             raise StoreLocked(
                 f"{slot.url}: another job writes this store (owner {cur.get('owner')}, last heartbeat {age:.0f}s "
-                f"ago); wait for it to finish. If that process is dead, its lease expires {float(cur.get('ttl', ttl)) - age:.0f}s "
+                f"ago); wait for it to finish. If that process is dead, its lease expires {their_ttl - age:.0f}s "
                 f"from now and is then taken over (or delete {slot.path})"
             )
-        log(f"{slot.url}: taking over a stale writer lease (owner {cur.get('owner')}, last heartbeat {age:.0f}s ago)")
+        log(f"{slot.url}: taking over a stale writer lease (owner {cur.get('owner')}, last heartbeat "
+            f"{age:.0f}s ago)")
     slot.write(me)
     time.sleep(settle_s)
     back = slot.read()

@@ -145,7 +145,8 @@ class LocalShardedReader:
         return self._dir / self._meta.encode_chunk_key((shard,) + (0,) * (self._ndim - 1))
 
     def _where(self, shard: int, lo: int, hi: int) -> str:
-        return f"{self._url}: teacher {self._name.split('/')[0]!r} ({self._name}) shard {shard}, rows {lo}-{hi - 1}"
+        teacher = self._name.split("/")[0]
+        return f"{self._url}: teacher {teacher!r} ({self._name}) shard {shard}, rows {lo}-{hi - 1}"
 
     def _load_index(self, fd: int, size: int, shard: int) -> np.ndarray:
         lo = shard * self.shard_rows

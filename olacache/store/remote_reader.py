@@ -103,7 +103,8 @@ class RemoteShardedReader:
                     continue
                 key = self._key(s)
                 last = ranges[-1] if ranges else None
-                if last and last[0] == key and last[2] == off and last[2] - last[1] + self._chunk_nbytes <= _MAX_RANGE:
+                grow = last is not None and last[0] == key and last[2] == off
+                if grow and last[2] - last[1] + self._chunk_nbytes <= _MAX_RANGE:
                     ranges[-1] = (key, last[1], off + self._chunk_nbytes,
                                   [*last[3], (off - last[1], *item[1:])])
                 else:

@@ -336,7 +336,9 @@ class ZarrBackend(Backend):
             bad += self._rows_of_missing_shards(arr, rows, out, dest)
         return np.unique(np.asarray(bad, dtype=np.int64))
 
-    def _rows_of_missing_shards(self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> list[int]:
+    def _rows_of_missing_shards(
+        self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, dest: np.ndarray
+    ) -> list[int]:
         """zarr reads a missing shard as the fill value; for complete rows that is damage. Existence is
         remembered per shard (a shard seen once is not asked again: one request per shard per process)."""
         per = int(arr.shards[0])
@@ -365,7 +367,9 @@ class ZarrBackend(Backend):
         key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
         return f"{arr.path}/{key}" if arr.path else key
 
-    def check_shard(self, path: str, shard: int, shard_rows: int) -> list[str]:
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
         arr = self._arr(path)
         lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
         where = f"{path} shard {shard} (rows {lo}-{hi - 1})"
@@ -385,14 +389,9 @@ class ZarrBackend(Backend):
             chunks = sorted({int(r) // c for r in bad})
             return [f"{where}: inner chunk rows {k * c}-{min(k * c + c, arr.shape[0]) - 1} fails its crc32c"
                     for k in chunks]
+        if keep is not None:
+            keep.append(scratch)
         return []
-
-    def shard_digest_bytes(self, path: str, shard: int, shard_rows: int, n_rows: int | None = None) -> bytes:
-        """The shard's decoded bytes (for the per-shard digest)."""
-        arr = self._arr(path)
-        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
-        hi = hi if n_rows is None else lo + n_rows
-        return np.ascontiguousarray(arr[lo:hi]).tobytes()
 
     def nbytes(self, column: str | None) -> int:
         if self._local is not None:
