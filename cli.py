@@ -292,6 +292,8 @@ def build_cmd(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", metavar="", help="Recompute the rows recorded as failed (after fixing the files or the image root); OK rows are kept.")] = False,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", metavar="", help="Follow symlinks that lead out of IMAGE_ROOT (refused by default: such images become failed rows).")] = False,
     max_missing: Annotated[float | None, typer.Option("--max-missing-fraction", metavar="F", show_default="0.5", help="Refuse to start when more than this fraction of a probe of the images is missing (a wrong IMAGE_ROOT).")] = None,
+    extend: Annotated[bool, typer.Option("--extend", metavar="", help="Add these annotations' new images to an existing store (images already there are neither recomputed nor rewritten).")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", metavar="KEY=VALUE", show_default="the AWS_* variables", help="fsspec option for an object-storage --out (repeatable), e.g. endpoint_url=http://host:8333.")] = None,
 ) -> None:
     """Build (or resume) a teacher-embedding store. Safe to kill and re-run; under `torchrun` each rank
     builds disjoint shards."""
@@ -314,8 +316,9 @@ def build_cmd(
         preset=preset, batch_size=batch_size, shard_size=shard_size, dtype=dtype, format=format_,
         workers=workers, overwrite_teacher=overwrite_teacher or None, device=device,
         retry_failed=retry_failed or None, allow_outside_root=allow_outside_root or None,
-        max_missing_fraction=max_missing,
+        max_missing_fraction=max_missing, extend=extend or None,
     )
+    _storage_options(storage_option)
     if config is not None:
         cfg = BuildConfig.from_file(config, **cli)
     else:
@@ -403,16 +406,31 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _storage_options(items: list[str] | None) -> None:
+    """--storage-option key=value -> process-wide fsspec options (olacache.store.remote)."""
+    if not items:
+        return
+    from olacache.store import StoreError
+    from olacache.store.remote import parse_storage_options, set_default_storage_options
+
+    try:
+        set_default_storage_options(parse_storage_options(items))
+    except StoreError as e:
+        _fail(str(e))
+
+
 @olacache_app.command("info")
 @_guarded
 def info_cmd(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object (per-teacher shape, dtype, n_ok, n_failed, n_missing, bytes).")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", help="fsspec option key=value for an object-storage URL (repeatable).")] = None,
 ) -> None:
     """What a store holds: teachers, shapes, dtype/codec, weights identity, counts, bytes."""
     from olacache.store import StoreError
     from olacache.verify import store_info
 
+    _storage_options(storage_option)
     try:
         info = store_info(store)
     except StoreError as e:
@@ -443,13 +461,17 @@ def verify_cmd(
     image_root: Annotated[str | None, typer.Option(metavar="DIR", show_default="the build's", help="Image root for --recompute.")] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="Device for --recompute.")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object (ok, problems, warnings, parity, failed rows).")] = False,
+    repair: Annotated[bool, typer.Option("--repair", metavar="", help="Mark shards with damaged chunks incomplete so the next `olacache build` recomputes exactly them.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for an object-storage URL (repeatable).")] = None,
 ) -> None:
-    """Check structure and completeness; with --recompute K, parity against the live teachers."""
+    """Check structure, completeness and every complete shard's files and checksums; with --recompute K,
+    parity against the live teachers."""
     from olacache.store import StoreError
     from olacache.verify import verify_store
 
+    _storage_options(storage_option)
     try:
-        rep = verify_store(store, recompute, image_root=image_root, device=device)
+        rep = verify_store(store, recompute, image_root=image_root, device=device, repair=repair)
     except StoreError as e:
         _fail(str(e))
     if json_out:
@@ -473,6 +495,21 @@ def verify_cmd(
             out.print(f"[red]problem:[/] {escape(pr)}")
         out.print("[bold green]OK[/]" if rep.ok else f"[bold red]{len(rep.problems)} problem(s)[/]")
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@olacache_app.command("upgrade")
+@_guarded
+def upgrade_cmd(store: Annotated[str, typer.Argument(metavar="STORE", show_default=False, help="Store path or URL (format 1).")]) -> None:
+    """Convert a format-1 store to the current format in place, without touching target data (atomic,
+    resumable: rerun it after an interruption)."""
+    from olacache.store import StoreError
+    from olacache.store.upgrade import upgrade_store
+
+    try:
+        msg = upgrade_store(store, log=_log)
+    except StoreError as e:
+        _fail(str(e))
+    out.print(msg, markup=False, highlight=False)
 
 
 # ============================================================================================ olatrain

@@ -80,6 +80,8 @@ class BuildConfig:
     allow_outside_root: bool = False
     # refuse to start when more than this fraction of a probe of the images is missing (a wrong image root)
     max_missing_fraction: float = 0.5
+    # --extend: add the annotations' images that are not in the store yet (see extend_store below)
+    extend: bool = False
 
     @classmethod
     def from_file(cls, path: str | Path, **cli: Any) -> BuildConfig:
@@ -140,6 +142,7 @@ class BuildSummary:
     images_per_s: float
     teachers: list[TeacherSummary]
     failures: list[tuple[str, str]]  # (image path, reason), union over teachers
+    images_reused: int = 0  # images already in the store (not computed by this run; --extend reports it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,7 +175,10 @@ def prepare_store(cfg: BuildConfig, paths: list[str], teachers: dict[str, Any], 
         try:
             if EmbeddingStore.exists(cfg.out):
                 store = EmbeddingStore.open(cfg.out, mode="r+")
-                store.require_image_set(paths)
+                if cfg.extend:
+                    extend_existing(store, cfg, paths)
+                else:
+                    store.require_image_set(paths)
                 if store.shard_size != cfg.shard_size:
                     # the shard size is part of the layout; resuming keeps the store's own
                     cfg.shard_size = store.shard_size
@@ -213,6 +219,45 @@ def _prepare_column(store: EmbeddingStore, cfg: BuildConfig, name: str, teacher:
             raise StoreMismatch(f"{e}. Use --overwrite-teacher {name} to replace that column on purpose, "
                                 "or --out a new store.") from None
         store.add_teacher(name, shape, dtype=cfg.dtype, attrs=attrs, kind=teacher.target_kind, replace=True)
+
+
+# ----------------------------------------------------------------------------------------------- writer lease
+def take_writer_lease(cfg: BuildConfig, rt: Runtime, log: Callable[[str], None]) -> Any:
+    """Rank 0 takes the store's writer lease (olacache.store.lease; the job's other ranks share it); another
+    live writer is refused before anything is written. Released at the end of the build (or at exit)."""
+    err: str | None = None
+    lease = None
+    if rt.main:
+        from olacache.store.lease import acquire
+
+        try:
+            lease = acquire(cfg.out, hdf5=cfg.format == "hdf5", log=log)
+        except Exception as e:
+            err = str(e)
+            if not rt.distributed:
+                raise BuildError(err) from None
+    err = rt.broadcast_object(err)
+    if err is not None:
+        raise BuildError(err)
+    return lease
+
+
+# ----------------------------------------------------------------------------------------------- --extend
+def extend_existing(store: EmbeddingStore, cfg: BuildConfig, paths: list[str]) -> None:
+    """--extend: every teacher of the store is computed for the new images (so every one must be requested);
+    the images already there are neither recomputed nor rewritten (olacache.store.extend)."""
+    from olacache.store.extend import extend_store
+
+    missing = [t for t in store.teachers if t not in cfg.teachers]
+    if missing:
+        raise BuildError(f"--extend computes every teacher of the store for the new images; add {missing} to "
+                         f"--teachers (the store has {store.teachers})")
+    extend_store(store, paths)
+
+
+def images_reused(store: EmbeddingStore, computed: int) -> int:
+    """Images of the store (without padding rows) that this run did not compute."""
+    return sum(1 for p in store.image_paths if p) - computed
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -329,7 +374,13 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
     if rt.main:
         log(f"loading teachers: {', '.join(cfg.teachers)} ({cfg.preset}) ...")
     teachers = load_teachers(cfg, rt.device)
-    store = prepare_store(cfg, paths, teachers, rt)
+    lease = take_writer_lease(cfg, rt, log)
+    try:
+        store = prepare_store(cfg, paths, teachers, rt)
+    except BaseException:
+        if lease is not None:  # a refused build (mismatch) leaves no lease behind in a long-lived process
+            lease.release()
+        raise
 
     # 3. pending shards: any teacher whose status chunk for the shard is incomplete (all its rows), plus with
     # retry_failed the FAILED rows of complete shards; this rank's share
@@ -360,6 +411,8 @@ def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None 
         record_column_stats(store, cfg, list(teachers), cos_all)
         summary = summarize(store, cfg, samples, text_only, len(pending), computed_all, time.perf_counter() - t0)
     store.close()
+    if lease is not None:
+        lease.release()
     return rt.broadcast_object(summary)
 
 
@@ -478,4 +531,5 @@ def summarize(store: EmbeddingStore, cfg: BuildConfig, samples: list[dict], text
         shards_skipped_complete=store.n_shards - shards_computed, images_computed=computed,
         seconds=seconds, images_per_s=computed / seconds if seconds > 0 else math.nan,
         teachers=tsum, failures=sorted(failures.items()),
+        images_reused=images_reused(store, computed),
     )

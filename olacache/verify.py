@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from olacache.store import FAILED, FORMAT_VERSION, MISSING, OK, EmbeddingStore, image_set_fingerprint
+from olacache.store.format import PAD
 
 
 def store_info(url: str) -> dict[str, Any]:
@@ -70,22 +71,35 @@ PARITY_MIN = {"float16": 0.999, "int8": 0.99}
 
 
 def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None, device: str = "cpu",
-                 seed: int = 0) -> VerifyReport:
+                 seed: int = 0, integrity: bool = True, repair: bool = False) -> VerifyReport:
+    """Structure, completeness and (``integrity``) every complete shard's files and checksums. ``repair``
+    marks exactly the shards with damage incomplete so the next ``olacache build`` recomputes them."""
     rep = VerifyReport(str(url))
+    damaged: dict[str, list[int]] = {}
     with EmbeddingStore.open(url, mode="r") as s:
         if s.attrs.get("format_version") != FORMAT_VERSION:
-            rep.problems.append(f"format_version {s.attrs.get('format_version')} != supported {FORMAT_VERSION}")
+            rep.warnings.append(f"format_version {s.attrs.get('format_version')} (current {FORMAT_VERSION}): "
+                                f"readable; `olacache upgrade {url}` converts it in place")
         if len(s.image_paths) != s.n_images:
             rep.problems.append(f"index holds {len(s.image_paths)} paths but n_images is {s.n_images}")
-        if image_set_fingerprint(s.image_paths) != s.fingerprint:
+        real = [p for p in s.image_paths if p]  # without an extension's padding rows (path "")
+        if image_set_fingerprint(real) != s.fingerprint:
             rep.problems.append("the index does not match the stored image-set fingerprint")
-        if len(set(s.image_paths)) != len(s.image_paths):
+        if len(set(real)) != len(real):
             rep.problems.append("the index holds duplicate image paths")
         if not s.teachers:
             rep.warnings.append("the store has no teacher columns yet")
         for t in s.teachers:
             a = s.teacher_attrs(t)
             st = s.status(t)
+            if s.damaged_status.get(t):
+                damaged.setdefault(t, []).extend(s.damaged_status[t])
+                rep.problems.append(f"{t}: status chunk of shard(s) {s.damaged_status[t]} is damaged "
+                                    "(unreadable); those rows count as missing")
+            if integrity:
+                damaged_t = check_integrity(s, t, st, rep)
+                if damaged_t:
+                    damaged.setdefault(t, []).extend(damaged_t)
             if len(st) != s.n_images:
                 rep.problems.append(f"{t}: status has {len(st)} rows, expected {s.n_images}")
                 continue
@@ -98,7 +112,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                     f"{t}: {n_missing} image(s) missing in {int((~done).sum())} incomplete shard(s) "
                     "(an interrupted build: run the same `olacache build` again to finish it)"
                 )
-            bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED}
+            bad_status = set(np.unique(st).tolist()) - {MISSING, OK, FAILED, PAD}
             if bad_status:
                 rep.problems.append(f"{t}: unknown status codes {sorted(bad_status)}")
             errs = s.errors(t)
@@ -116,6 +130,9 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                     "the image root, run the build again with --retry-failed to recompute just those rows"
                 )
             ok_rows = np.flatnonzero(st == OK)
+            if damaged.get(t):  # never probe or recompute against rows known to be damaged
+                bad_rows = np.concatenate([np.asarray(s.shard_rows(k)) for k in set(damaged[t])])
+                ok_rows = np.setdiff1d(ok_rows, bad_rows)
             if len(ok_rows):
                 rng = np.random.default_rng(seed)
                 probe = np.sort(rng.choice(ok_rows, size=min(64, len(ok_rows)), replace=False))
@@ -132,7 +149,48 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                         f"{t}: recomputed targets differ from the store (min cosine "
                         f"{rep.parity[t]['cosine_min']:.5f} < {lim}): different weights or preprocessing?"
                     )
+    if repair and damaged:
+        repair_shards(url, damaged, rep)
     return rep
+
+
+def check_integrity(s: EmbeddingStore, t: str, st: np.ndarray, rep: VerifyReport) -> list[int]:
+    """Every complete shard of column ``t``: files exist, parse, pass their chunk checksums and match the
+    shard digest. Problems go to ``rep`` (one line per bad chunk); -> the damaged shards."""
+    bad: list[int] = []
+    try:
+        done = s.complete_shards(t)
+    except Exception as e:  # damaged metadata is reported, never a crash
+        rep.problems.append(f"{t}: cannot read completeness ({type(e).__name__}: {e})")
+        return bad
+    for shard in np.flatnonzero(done).tolist():
+        try:
+            probs = s.check_shard(t, shard, st)
+        except Exception as e:
+            probs = [f"{t}: shard {shard}: check failed ({type(e).__name__}: {e})"]
+        if probs:
+            rep.problems += probs
+            bad.append(shard)
+    if s.version >= 2 and not s._b.has_array(f"{t}/digest"):
+        rep.warnings.append(f"{t}: column upgraded from format 1: its chunks carry no checksums (rebuild it "
+                            "with --overwrite-teacher to add them)")
+    return bad
+
+
+def repair_shards(url: str, damaged: dict[str, list[int]], rep: VerifyReport) -> None:
+    """Mark damaged shards incomplete (status MISSING): the next `olacache build` with the same arguments
+    recomputes exactly those shards and nothing else."""
+    from olacache.store.lease import acquire
+
+    lease = acquire(url, log=lambda m: rep.warnings.append(m))
+    with EmbeddingStore.open(url, mode="r+") as s:
+        for t, shards in damaged.items():
+            for shard in sorted(set(shards)):
+                rows = s.shard_rows(shard)
+                s._write_status(t, rows.start, np.full(len(rows), MISSING, dtype=np.uint8))
+            rep.warnings.append(f"{t}: repair: marked {len(set(shards))} damaged shard(s) {sorted(set(shards))} "
+                                "incomplete; run the same `olacache build` again to recompute them")
+    lease.release()
 
 
 def _parity(s: EmbeddingStore, t: str, ok_rows: np.ndarray, k: int, image_root: str | None, device: str,

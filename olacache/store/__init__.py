@@ -14,6 +14,8 @@ from olacache.store.format import (
     KINDS,
     MISSING,
     OK,
+    PAD,
+    CorruptChunk,
     StoreError,
     StoreLocked,
     StoreMismatch,
@@ -24,6 +26,8 @@ from olacache.store.reader import TargetReader
 from olacache.store.store import EmbeddingStore
 
 __all__ = [
+    "PAD",
+    "CorruptChunk",
     "FAILED",
     "FORMAT_VERSION",
     "KINDS",

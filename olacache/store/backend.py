@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from olacache.store.format import StoreError
 from olacache.store.pread import ReadPool
 
 
@@ -51,36 +52,68 @@ class Backend(ABC):
         codec; ignored by HDF5) groups chunks into one file per store shard."""
 
     @abstractmethod
-    def write(self, path: str, start: int, values: np.ndarray) -> None: ...
+    def write(self, path: str, start: int, values: np.ndarray) -> None:
+        """``values`` of a ``"str"`` array are a sequence of str (the backend encodes them)."""
 
     @abstractmethod
     def read_all(self, path: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def has_array(self, path: str) -> bool: ...
+
+    def check_space(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Raise StoreError if a write of ``nbytes`` would not fit (local stores; remote ones cannot tell)."""
+
+    def resize(self, path: str, n_rows: int) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
+
+    def write_index(self, paths: list[str]) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        raise StoreError(f"{self.format} stores cannot be extended")
 
     # set by each backend's __init__: raw-read switch, per-array raw readers (None = not applicable), threads
     _fast_reads: bool
     _readers: dict[str, Any]
     _pool: ReadPool
 
-    def read_rows_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+    def read_rows_into(
+        self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
         """out[dest[k]] = array[rows[k]]; ``rows`` sorted and unique. Uses the backend's raw pread reader for
-        that array when it has one (local, uncompressed), else the library's own (batched) reads."""
+        that array when it has one (local, uncompressed), else the library's own (batched) reads.
+
+        -> int64 array of the rows whose chunk failed its checksum (or is gone though it must exist); their
+        slots in ``out`` are zeroed. Never garbage: a caller either drops those rows or raises.
+        ``must_exist``: the rows are complete (status OK), so a missing shard file or chunk is damage too
+        (otherwise it reads as the fill value, like a never-written row)."""
         if len(rows) == 0:
-            return
+            return np.zeros(0, dtype=np.int64)
         if path not in self._readers:
             self._readers[path] = self._raw_reader(path) if self._fast_reads else None
         reader = self._readers[path]
         if reader is not None:
-            reader.read_into(rows, out, dest, self._pool)
-        else:
-            self._library_read_into(path, rows, out, dest)
+            return reader.read_into(rows, out, dest, self._pool, must_exist)
+        return self._library_read_into(path, rows, out, dest, must_exist)
 
     @abstractmethod
     def _raw_reader(self, path: str) -> Any | None:
         """A reader with ``read_into(rows, out, dest, pool)`` over the array's bytes, or None."""
 
     @abstractmethod
-    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """The fallback through zarr/h5py."""
+    def _library_read_into(
+        self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
+        """The fallback through zarr/h5py; returns the bad rows like read_rows_into."""
+
+    @abstractmethod
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
+        """Problems of one shard of a sharded array (file gone, unparsable, a chunk failing its checksum), as
+        messages naming the row range; [] when it is whole. Never raises for damaged data. ``keep``: when
+        whole, the shard's values are appended to it (so a caller can checksum them without reading again)."""
 
     @abstractmethod
     def nbytes(self, column: str | None) -> int: ...

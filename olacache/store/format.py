@@ -8,6 +8,13 @@ Logical layout (Zarr v3 group, or one HDF5 file mirroring it)::
       <teacher>/scale    (N, *shape[:-1]) float32     int8 columns only: per-vector absmax scale
       <teacher>/status   (N,)     uint8 MISSING/OK/FAILED, chunked by shard_size, written LAST per shard
       <teacher>/errors   (N,)     failure reason per row ('' when ok), chunked by shard_size
+      <teacher>/digest   (n_shards,) uint32  crc32c of each shard's stored target (+scale) bytes (format 2)
+
+Format 2 (this version) vs 1: in Zarr, the two string arrays are stored in core Zarr v3 data types so every
+Zarr client reads them (``olacache.store.strings``): ``index/path_utf8`` + ``index/path_offsets`` and
+``<teacher>/error_utf8``; every numeric chunk carries a crc32c (inside the sharding codec for target/scale);
+HDF5 attributes are native where they are scalars or arrays and numeric datasets use the fletcher32 filter.
+Format-1 stores open read-only; ``olacache upgrade`` converts them in place.
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code reads; older ones read-only until `olacache upgrade` converts them.
+READABLE_VERSIONS = (1, 2)
 MISSING, OK, FAILED = 0, 1, 2
+# a row with no image: padding up to a shard boundary before the rows an extension added (olacache.store.extend)
+PAD = 3
 
 FLOAT16_MAX = 65504.0
 INDEX_PATH = "index/image_path"
 TARGET, SCALE, STATUS, ERRORS = "target", "scale", "status", "errors"
+DIGEST = "digest"
 DTYPES = ("float16", "int8")
 # How the trainer treats a column (docs/method.md §3.4): "spatial" = a (tokens, C) grid whose task tokens are
 # group means of a (tokens, H) parameter that is also the predictor's query; "global" = one (1, C) vector
@@ -34,7 +46,7 @@ DTYPES = ("float16", "int8")
 KINDS = ("spatial", "global")
 # Keys add_teacher owns inside a column's attrs; set_teacher_attrs may not change them because readers
 # derive the on-disk layout (and the trainer the teacher kind) from them.
-RESERVED_COLUMN_ATTRS = ("target_shape", "dtype", "codec", "kind")
+RESERVED_COLUMN_ATTRS = ("target_shape", "dtype", "codec", "kind", "generation")
 COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 # Inner chunks of small targets group images so a chunk is ~128 KiB (zarr/HDF5 per-chunk overhead dominates
 # below that); big targets (>= 128 KiB per image) get one image per chunk so a random read touches one chunk.
@@ -48,6 +60,15 @@ class StoreError(Exception):
 
 class StoreMismatch(StoreError):
     """An existing store differs from what the caller asked for; the message names the difference."""
+
+
+class CorruptChunk(StoreError):
+    """Stored bytes failed their checksum (or a chunk/shard that must exist is gone). ``rows`` are the store
+    rows that cannot be trusted; the message names the store, teacher, shard and row range."""
+
+    def __init__(self, msg: str, rows: list[int] | None = None) -> None:
+        super().__init__(msg)
+        self.rows = list(rows or [])
 
 
 class StoreLocked(StoreError):

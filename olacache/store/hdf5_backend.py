@@ -2,8 +2,12 @@
 
 - One writer PROCESS. HDF5 file locking makes a second writer (or a reader while a writer is open) fail at
   open; that is reported as a StoreError. Distributed (multi-rank) builds need format="zarr".
-- Attrs are stored one HDF5 attribute per key holding the JSON text of the value (HDF5 attributes cannot hold
-  nested dicts/lists of mixed types), decoded back on read.
+- Attrs are one HDF5 attribute per key. Format 2: native HDF5 types where the value is a scalar (int, float,
+  bool, str) or a non-empty list of numbers or of strings (``h5dump`` shows ``n_images`` as an integer); other
+  values (dicts, None, mixed lists) hold their JSON text and are named in the object's ``olacache_json``
+  attribute. Format 1 held JSON text for every key (no ``olacache_json`` attribute).
+- Format 2 numeric datasets use the fletcher32 checksum filter: a damaged chunk fails its read in HDF5
+  itself and is reported (CorruptChunk) instead of returned; reads of such datasets go through h5py.
 - Targets are chunked (1, *shape) for big targets and (k, *shape) ~128 KiB for small ones (tiny chunks made
   HDF5 reads hundreds of times slower elsewhere). Chunks are uncompressed, so reads use the chunk byte offsets
   HDF5 reports and pread them straight into the output batch; filtered datasets fall back to h5py.
@@ -53,11 +57,69 @@ def _open_file(url: str, path: Path, mode: str) -> h5py.File:
         raise StoreError(f"{url}: cannot open as HDF5 ({e})") from None
 
 
-def _enc(value: Any) -> str:
-    return json.dumps(value)
+JSON_KEYS = "olacache_json"
+HDF5_SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a shard (HDF5 metadata, B-tree growth)
 
 
-def _dec(value: Any) -> Any:
+def _native(value: Any) -> Any | None:
+    """The native HDF5 form of an attr value, or None if it needs JSON."""
+    if isinstance(value, bool | int | float) and not (isinstance(value, int) and abs(value) >= 2**63):
+        return value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, bool) for v in value) or all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=bool if isinstance(value[0], bool) else _STR)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return np.array(value, dtype=np.int64)
+        if all(isinstance(v, float) for v in value):
+            return np.array(value, dtype=np.float64)
+    return None
+
+
+def write_attrs(obj: h5py.Group, attrs: dict[str, Any]) -> None:
+    """Replace ``obj``'s attrs with ``attrs`` (format 2 encoding, see the module docstring)."""
+    a = obj.attrs
+    for k in list(a.keys()):
+        if k not in attrs and k != JSON_KEYS:
+            del a[k]
+    as_json = []
+    for k, v in attrs.items():
+        nat = _native(v)
+        if nat is None:
+            a[k] = json.dumps(v)
+            as_json.append(k)
+        else:
+            a[k] = nat
+    a[JSON_KEYS] = json.dumps(sorted(as_json))
+
+
+def read_attrs(obj: h5py.Group) -> dict[str, Any]:
+    a = obj.attrs
+    if JSON_KEYS not in a:  # format 1: every value is JSON text
+        return {k: _dec_json(v) for k, v in a.items()}
+    as_json = set(json.loads(_text(a[JSON_KEYS])))
+    out: dict[str, Any] = {}
+    for k, v in a.items():
+        if k == JSON_KEYS:
+            continue
+        out[k] = _dec_json(v) if k in as_json else _py(v)
+    return out
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+        return [_py(x) for x in v.tolist()]
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _dec_json(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     if isinstance(value, str):
@@ -93,8 +155,7 @@ class Hdf5Backend(Backend):
         ds = f.create_dataset(INDEX_PATH, shape=(n,), dtype=_STR, chunks=(min(n, _INDEX_CHUNK_ROWS),))
         ds[:] = np.array(paths, dtype=object)
         # Root attrs last, as in zarr: a half-created file has no format_version.
-        for k, v in attrs.items():
-            f.attrs[k] = _enc(v)
+        write_attrs(f, attrs)
         f.flush()
         return cls(url, path, f, fast_reads=True)
 
@@ -105,7 +166,7 @@ class Hdf5Backend(Backend):
     # ------------------------------------------------------------------ metadata
 
     def root_attrs(self) -> dict[str, Any]:
-        return {k: _dec(v) for k, v in self._f.attrs.items()}
+        return read_attrs(self._f)
 
     def list_columns(self) -> list[str]:
         return [k for k, v in self._f.items() if isinstance(v, h5py.Group) and k != "index"]
@@ -121,15 +182,12 @@ class Hdf5Backend(Backend):
         del self._f[name]
 
     def column_attrs(self, name: str) -> dict[str, Any]:
-        return {k: _dec(v) for k, v in self._f[name].attrs.items()}
+        return read_attrs(self._f[name])
 
     def set_column_attrs(self, name: str, attrs: dict[str, Any]) -> None:
-        a = self._f[name].attrs
-        for k in list(a.keys()):
-            if k not in attrs:
-                del a[k]
-        for k, v in attrs.items():
-            a[k] = _enc(v)
+        if JSON_KEYS not in self._f.attrs:
+            raise StoreError(f"{self.url} is a format-1 store; run `olacache upgrade {self.url}` first")
+        write_attrs(self._f[name], attrs)
 
     # ------------------------------------------------------------------ arrays
 
@@ -153,7 +211,7 @@ class Hdf5Backend(Backend):
         if dtype == "str":
             self._f.create_dataset(path, shape=shape, dtype=_STR, chunks=chunks)
         else:
-            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0)
+            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0, fletcher32=True)
 
     def _ds(self, path: str) -> h5py.Dataset:
         try:
@@ -166,6 +224,23 @@ class Hdf5Backend(Backend):
     def write(self, path: str, start: int, values: np.ndarray) -> None:
         self._ds(path)[start : start + len(values)] = values
 
+    def check_space(self, nbytes: int) -> None:
+        # HDF5 metadata is not crash-safe: an ENOSPC mid-write has been seen to corrupt the file ("Bus error",
+        # every computed shard lost). So a shard is written only if it fits with room for metadata to spare.
+        import shutil
+
+        free = shutil.disk_usage(self._path.parent).free
+        want = int(nbytes * 1.1) + HDF5_SPACE_MARGIN
+        if free < want:
+            raise StoreError(
+                f"{self.url}: not enough free disk space to write the next shard safely ({free / 2**20:.0f} MiB "
+                f"free, {want / 2**20:.0f} MiB needed); every complete shard is kept: free space and run the same "
+                "build again"
+            )
+
+    def has_array(self, path: str) -> bool:
+        return isinstance(self._f.get(path), h5py.Dataset)
+
     def read_all(self, path: str) -> np.ndarray:
         ds = self._ds(path)
         if h5py.check_string_dtype(ds.dtype) is not None:
@@ -175,11 +250,49 @@ class Hdf5Backend(Backend):
     def _raw_reader(self, path: str) -> _H5RawReader | None:
         return _H5RawReader.for_dataset(self._ds(path), self._path)
 
-    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        # h5py path: one hyperslab read per contiguous run (h5py fancy indexing is ~50x slower).
+    def _library_read_into(
+        self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
+        # h5py path: one hyperslab read per contiguous run (h5py fancy indexing is ~50x slower). A run that
+        # fails its fletcher32 check is re-read one chunk at a time to find exactly the bad rows.
         ds = self._ds(path)
+        bad: list[int] = []
         for a, b in contiguous_runs(rows):
-            out[dest[a:b]] = ds[int(rows[a]) : int(rows[b - 1]) + 1]
+            try:
+                out[dest[a:b]] = ds[int(rows[a]) : int(rows[b - 1]) + 1]
+                continue
+            except OSError:
+                pass
+            c = int(ds.chunks[0])
+            for r, d in zip(rows[a:b].tolist(), dest[a:b].tolist(), strict=True):
+                k = r // c
+                try:
+                    out[d] = ds[k * c : min(k * c + c, ds.shape[0])][r - k * c]
+                except OSError:
+                    out[d] = 0
+                    bad.append(r)
+        return np.asarray(bad, dtype=np.int64)
+
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
+        try:
+            ds = self._ds(path)
+        except Exception as e:
+            return [f"{path}: {e}"]
+        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, ds.shape[0])
+        scratch = np.empty((hi - lo, *ds.shape[1:]), dtype=ds.dtype)
+        try:
+            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
+        except Exception as e:
+            return [f"{path} shard {shard} (rows {lo}-{hi - 1}): unreadable ({type(e).__name__}: {e})"]
+        if len(bad):
+            c = int(ds.chunks[0])
+            return [f"{path} shard {shard}: chunk rows {k * c}-{min(k * c + c, ds.shape[0]) - 1} fails its "
+                    "fletcher32 checksum" for k in sorted({int(r) // c for r in bad})]
+        if keep is not None:
+            keep.append(scratch)
+        return []
 
     def nbytes(self, column: str | None) -> int:
         if column is None:
@@ -255,7 +368,9 @@ class _H5RawReader:
             offs = self._off[chunks]
         return offs
 
-    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: ReadPool) -> None:
+    def read_into(
+        self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: ReadPool, must_exist: bool = False
+    ) -> np.ndarray:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
         offs = self._chunk_offsets(rows // self.chunk_rows)
@@ -265,6 +380,7 @@ class _H5RawReader:
         offsets = offs[present] + (rows[present] % self.chunk_rows) * self.row_nbytes
         runs = plan_runs(self._fd, offsets, dest[present], self.row_nbytes)
         read_runs(runs, out, self.row_nbytes, str(self._path), pool.get())
+        return np.zeros(0, dtype=np.int64)  # unfiltered (format 1) data carries no checksum to fail
 
     def close(self) -> None:
         if self._fd is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,11 @@ from olacache.store.store import EmbeddingStore
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("olacache.store")
+# How often (seconds) a reader re-reads its columns' generation ids: a column replaced under a running reader
+# (build --overwrite-teacher) is then noticed within this long instead of being read as zeros marked OK.
+GENERATION_CHECK_S = 5.0
 
 
 class TargetReader:
@@ -50,16 +57,19 @@ class TargetReader:
             self._teachers = list(self._requested)
         self._shapes = {t: store.target_shape(t) for t in self._teachers}
         self._kinds = {t: store.teacher_kind(t) for t in self._teachers}
+        self._generations = {t: store.teacher_attrs(t).get("generation") for t in self._teachers}
 
     def _reset(self) -> None:
         self._pid: int | None = None
         self._store: EmbeddingStore | None = None
         self._row_of: dict[str, int] | None = None
         self._ok: dict[str, np.ndarray] = {}
+        self._checked_at = 0.0
+        self._reported: set[tuple[str, int]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_store", "_row_of", "_ok"):
+        for k in ("_pid", "_store", "_row_of", "_ok", "_checked_at", "_reported"):
             state.pop(k, None)
         return state
 
@@ -132,12 +142,33 @@ class TargetReader:
             self._ok[teacher] = m
         return m
 
+    def check_generation(self, force: bool = False) -> None:
+        """Raise StoreError if a column this reader reads was replaced since it was opened (its generation id
+        changed). Re-read at most every GENERATION_CHECK_S seconds unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < GENERATION_CHECK_S:
+            return
+        self._checked_at = now
+        store = self._store_()
+        for t in self._teachers:
+            try:
+                gen = store._b.column_attrs(t).get("generation")
+            except Exception:
+                gen = "<column gone>"
+            if gen != self._generations.get(t):
+                raise StoreError(
+                    f"{store.url}: teacher column {t!r} was replaced while this run read it (generation "
+                    f"{self._generations.get(t)} -> {gen}); restart the run on the new targets"
+                )
+
     def fetch(self, paths: Sequence[str | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One batched read. -> (targets[teacher] float16 (B, *shape), zeros where unavailable;
-        ok[teacher] bool (B,) = the path is in the store and its status is OK)."""
+        ok[teacher] bool (B,) = the path is in the store, its status is OK and its stored bytes passed their
+        checksum; damaged rows count as failed targets and are logged once per shard)."""
         import torch
 
         store = self._store_()
+        self.check_generation()
         rows = self.rows_for(paths)
         targets: dict[str, torch.Tensor] = {}
         oks: dict[str, torch.Tensor] = {}
@@ -149,7 +180,15 @@ class TargetReader:
             tensor, out = _new_batch((len(rows), *self._shapes[t]))
             if len(idx) < len(rows):
                 out[~ok] = 0
-            store._read_into(t, rows[idx], out, idx)
+            bad = store._read_into(t, rows[idx], out, idx, must_exist=True)
+            if len(bad):
+                hit = np.isin(rows, bad) & ok
+                ok[hit] = False
+                out[hit] = 0
+                new = sorted({int(r) // store.shard_size for r in bad} - {s for (tt, s) in self._reported if tt == t})
+                if new:
+                    self._reported.update((t, s) for s in new)
+                    log.warning("%s (treated as failed targets)", store.describe_bad_rows(t, bad))
             targets[t] = tensor
             oks[t] = torch.from_numpy(ok)
         return targets, oks

@@ -9,7 +9,9 @@ and quantisation, so both formats behave identically.
 
 from __future__ import annotations
 
+import errno
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,20 +19,22 @@ import numpy as np
 
 from olacache.inputs.keys import image_set_fingerprint, normalize_image_path
 from olacache.store.backend import Backend
+from olacache.store.checks import check_new_paths, check_teacher_args
 from olacache.store.format import (
-    COLUMN_NAME,
     DEFAULT_READ_THREADS,
-    DTYPES,
+    DIGEST,
     ERRORS,
     FAILED,
     FORMAT_VERSION,
     INDEX_PATH,
     KINDS,
     MISSING,
+    READABLE_VERSIONS,
     RESERVED_COLUMN_ATTRS,
     SCALE,
     STATUS,
     TARGET,
+    CorruptChunk,
     StoreError,
     StoreLocked,
     StoreMismatch,
@@ -41,6 +45,7 @@ from olacache.store.format import (
     jsonable,
     resolve_url,
 )
+from olacache.store.integrity import check_shard, describe_bad_rows, is_decode_error, shard_digest
 from olacache.store.pread import aligned_empty, plan_reads
 from olacache.store.quant import dequantize_int8, encode_shard
 
@@ -69,10 +74,16 @@ class EmbeddingStore:
                 f"{url} is a {self.format} container but not an olacache embedding store (no format_version "
                 "attr); point at a store made by `olacache build` / EmbeddingStore.create"
             )
-        if int(fv) != FORMAT_VERSION:
+        if int(fv) not in READABLE_VERSIONS:
             raise StoreError(
-                f"{url} has store format_version {fv}, this olacache reads {FORMAT_VERSION}; "
+                f"{url} has store format_version {fv}, this olacache reads {list(READABLE_VERSIONS)}; "
                 "use the olacache version that wrote it or rebuild the store"
+            )
+        self.version = int(fv)
+        if self.version != FORMAT_VERSION and _mode == "r+":
+            raise StoreError(
+                f"{url} is a format_version {fv} store (readable, not writable by this olacache); convert it "
+                f"in place with `olacache upgrade {url}`"
             )
         self.n_images: int = int(attrs["n_images"])
         self.shard_size: int = int(attrs["shard_size"])
@@ -80,6 +91,9 @@ class EmbeddingStore:
         self.n_shards: int = -(-self.n_images // self.shard_size)
         self._image_paths: list[str] | None = None
         self._meta_cache: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, np.ndarray] = {}
+        # column -> shards whose status chunk could not be decoded at the last status() call
+        self.damaged_status: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -105,20 +119,7 @@ class EmbeddingStore:
         paths = list(image_paths)
         if not paths:
             raise StoreError(f"{disp}: cannot create a store with no images")
-        for p in paths:
-            try:
-                norm = normalize_image_path(p)
-            except ValueError as e:
-                raise StoreError(f"{disp}: {e}") from None
-            if norm != p:
-                raise StoreError(
-                    f"{disp}: image path {p!r} is not normalised (normalize_image_path gives {norm!r}); "
-                    "normalise paths before creating the store"
-                )
-        if len(set(paths)) != len(paths):
-            seen: set[str] = set()
-            dup = next(p for p in paths if p in seen or seen.add(p))  # type: ignore[func-returns-value]
-            raise StoreError(f"{disp}: duplicate image path {dup!r}; store rows are unique images")
+        check_new_paths(disp, paths)
         attrs = {
             "format_version": FORMAT_VERSION,
             "created_by": created_by or f"olacache {__version__}",
@@ -233,7 +234,9 @@ class EmbeddingStore:
         if fp == self.fingerprint:
             return
         want = [normalize_image_path(p) for p in image_paths]
-        have = self.image_paths
+        have = [p for p in self.image_paths if p]  # without an extension's padding rows
+        if self.attrs.get("extended") and set(want) == set(have) and len(want) == len(have):
+            return  # an extended store: rows are no longer globally sorted; the SET is what must match
         detail = [f"{len(have)} images in the store vs {len(want)} requested"]
         added, removed = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         if added:
@@ -317,25 +320,7 @@ class EmbeddingStore:
         fp16 features compress ~1.09x and compression disables the byte-range fast read path. ``kind``
         (``"spatial"``/``"global"``, default from the shape) is recorded for the trainer (docs/method.md §3.4)."""
         self._check_writable()
-        if not isinstance(name, str) or not COLUMN_NAME.match(name) or name == "index":
-            raise StoreError(
-                f"{self.url}: bad teacher name {name!r}; use letters, digits, '_', '-', '.', starting with a "
-                "letter (and not 'index')"
-            )
-        if dtype not in DTYPES:
-            raise StoreError(f"{self.url}: teacher {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
-        shape = tuple(int(s) for s in target_shape)
-        if not shape or any(s < 1 for s in shape):
-            raise StoreError(
-                f"{self.url}: teacher {name!r}: target_shape must be non-empty and positive, got {target_shape!r}"
-            )
-        kind = default_kind(shape) if kind is None else kind
-        if kind not in KINDS:
-            raise StoreError(f"{self.url}: teacher {name!r}: kind must be one of {KINDS}, got {kind!r}")
-        user = jsonable(dict(attrs or {}), f"attrs of teacher {name!r}")
-        bad = [k for k in RESERVED_COLUMN_ATTRS if k in user]
-        if bad:
-            raise StoreError(f"{self.url}: teacher {name!r}: attrs {bad} are set by the store itself")
+        shape, kind, user = check_teacher_args(self.url, name, target_shape, dtype, kind, attrs)
         if name in self._b.list_columns() and name not in self.teachers:
             self._b.delete_column(name)  # half-created by a crashed add_teacher; it holds nothing
         elif name in self._b.list_columns():
@@ -360,6 +345,8 @@ class EmbeddingStore:
         col_attrs = {
             "teacher": name,
             **user,
+            # a fresh id per (re)creation: a reader that sees it change knows the column was replaced under it
+            "generation": uuid.uuid4().hex,
             "target_shape": list(shape),
             "dtype": dtype,
             "kind": kind,
@@ -398,6 +385,10 @@ class EmbeddingStore:
         # share a file.
         b.create_array(f"{name}/{STATUS}", (n,), "uint8", chunk_rows=s, shard_rows=None, compressor=None)
         b.create_array(f"{name}/{ERRORS}", (n,), "str", chunk_rows=s, shard_rows=None, compressor=None)
+        # one crc32c per shard of its stored bytes (one chunk per shard, owned by that shard's writer):
+        # the chunk checksums cannot see two whole shard files swapped, this can (olacache verify)
+        b.create_array(f"{name}/{DIGEST}", (self.n_shards,), "uint32", chunk_rows=1, shard_rows=None,
+                       compressor=None)
         # attrs last: a column without target_shape is recognisably half-created.
         b.set_column_attrs(name, col_attrs)
 
@@ -416,8 +407,23 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ status
 
     def status(self, name: str) -> np.ndarray:
+        """uint8 (N,) MISSING/OK/FAILED. A damaged status chunk (bad checksum, truncated) never crashes the
+        caller: its rows read as MISSING (so a build recomputes that shard and a trainer skips it) and the
+        shard is listed in ``damaged_status[name]`` (``olacache verify`` reports it)."""
         self._meta(name)
-        return np.asarray(self._b.read_all(f"{name}/{STATUS}"), dtype=np.uint8)
+        path = f"{name}/{STATUS}"
+        try:
+            st = np.asarray(self._b.read_all(path), dtype=np.uint8)
+            self.damaged_status[name] = []
+            return st
+        except Exception as e:
+            if not is_decode_error(e):
+                raise
+        st = np.zeros(self.n_images, dtype=np.uint8)
+        bad = self._b.read_rows_into(path, np.arange(self.n_images), st, np.arange(self.n_images))
+        st[bad] = MISSING
+        self.damaged_status[name] = sorted({int(r) // self.shard_size for r in bad})
+        return st
 
     def complete_shards(self, name: str) -> np.ndarray:
         """bool (n_shards,): a shard is complete iff none of its status entries is MISSING."""
@@ -452,9 +458,21 @@ class EmbeddingStore:
         except ValueError as e:
             raise StoreError(f"{self.url}: write_shard({name!r}, {shard}): {e} (shard {shard} has "
                              f"{len(rows)} rows)") from None
-        self._write_values(name, rows.start, data, scale)
-        self._write_errors(name, rows.start, errs)
-        self._write_status(name, rows.start, st)
+        need = data.nbytes + (0 if scale is None else scale.nbytes)
+        self._b.check_space(need)  # HDF5: a write that fills the disk can corrupt the file; refuse before it
+        try:
+            self._write_values(name, rows.start, data, scale)
+            self._write_errors(name, rows.start, errs)
+            if self._b.has_array(f"{name}/{DIGEST}"):  # absent in columns upgraded from format 1
+                self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
+            self._write_status(name, rows.start, st)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"{self.url}: no space left on the device while writing shard {shard} of {name!r} ({e}); "
+                    "every shard completed before it is kept: free space and run the same build again"
+                ) from None
+            raise
 
     # Three steps as separate methods so the tests can simulate a crash between them.
     def _write_values(self, name: str, start: int, data: np.ndarray, scale: np.ndarray | None) -> None:
@@ -474,11 +492,18 @@ class EmbeddingStore:
 
     def read_rows(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """float16 (len(rows), *shape) in the requested order (duplicates allowed); int8 columns dequantised.
-        Rows are sorted, deduplicated and coalesced into as few reads as possible."""
+        Rows are sorted, deduplicated and coalesced into as few reads as possible. A row whose stored chunk
+        fails its checksum raises CorruptChunk naming the store, teacher, shard and rows."""
         r = self._check_rows(rows)
         out = aligned_empty((len(r), *self.target_shape(name)), np.float16)
-        self._read_into(name, r, out, np.arange(len(r)))
+        bad = self._read_into(name, r, out, np.arange(len(r)))
+        if len(bad):
+            raise CorruptChunk(self.describe_bad_rows(name, bad), bad.tolist())
         return out
+
+    def describe_bad_rows(self, name: str, bad: np.ndarray) -> str:
+        """One line naming the store, teacher, shards and row ranges of damaged rows."""
+        return describe_bad_rows(self.url, name, self.shard_size, bad)
 
     def _check_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         r = np.asarray(rows)
@@ -493,28 +518,41 @@ class EmbeddingStore:
             )
         return r
 
-    def _read_into(self, name: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """out[dest[k]] = row rows[k] of column ``name`` (as float16)."""
+    def _read_into(
+        self, name: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
+        """out[dest[k]] = row rows[k] of column ``name`` (as float16). -> sorted unique rows whose stored
+        bytes failed a checksum (their slots are zeroed, never garbage)."""
         if len(rows) == 0:
-            return
+            return np.zeros(0, dtype=np.int64)
         meta = self._meta(name)
         uniq, udest, dup_src, dup_dst = plan_reads(rows, dest)
         if meta["dtype"] == "float16":
-            self._b.read_rows_into(f"{name}/{TARGET}", uniq, out, udest)
+            bad = self._b.read_rows_into(f"{name}/{TARGET}", uniq, out, udest, must_exist)
         else:
             k = np.arange(len(uniq))
             q = aligned_empty((len(uniq), *meta["shape"]), np.int8)
             s = np.empty((len(uniq), *meta["shape"][:-1]), dtype=np.float32)
-            self._b.read_rows_into(f"{name}/{TARGET}", uniq, q, k)
-            self._b.read_rows_into(f"{name}/{SCALE}", uniq, s, k)
+            bad = np.union1d(
+                self._b.read_rows_into(f"{name}/{TARGET}", uniq, q, k, must_exist),
+                self._b.read_rows_into(f"{name}/{SCALE}", uniq, s, k, must_exist),
+            )
             out[udest] = dequantize_int8(q, s)
+            if len(bad):
+                out[udest[np.isin(uniq, bad)]] = 0
         if len(dup_dst):
             out[dup_dst] = out[dup_src]
+        return np.unique(bad).astype(np.int64)
+
+    # ------------------------------------------------------------------ integrity
+
+    def check_shard(self, name: str, shard: int, status: np.ndarray | None = None) -> list[str]:
+        """Problems of one shard of a column (files exist, parse, pass their checksums and the shard digest);
+        [] when whole. Never raises on damage. See olacache.store.integrity.check_shard."""
+        return check_shard(self, name, shard, status)
 
     def nbytes(self, name: str | None = None) -> int:
         """Bytes on disk of one column, or of the whole store."""
         if name is not None:
             self._meta(name)
         return int(self._b.nbytes(name))
-
-

@@ -6,49 +6,61 @@ layout this store writes by default (sharding codec, uncompressed little-endian 
 index at the end of each shard file) the bytes of image ``r`` are simply ``index[r].offset`` within the shard
 file, so on a local filesystem ``LocalShardedReader`` reads each shard's index once (cached, revalidated by
 ``stat``), verifies its crc32c, and preads the images straight into the output batch. Anything else (remote
-fsspec stores, compressed columns, foreign layouts) goes through zarr's async API: the batch's contiguous runs
-are read concurrently on zarr's event loop in one ``sync`` call.
+fsspec stores get ``RemoteShardedReader`` (olacache.store.remote_reader) for the same layout; compressed
+columns and foreign layouts go through zarr's async API: the batch's contiguous runs are read concurrently on
+zarr's event loop in one ``sync`` call.
+
+Format 2: text lives in uint8 arrays (``olacache.store.strings``), every numeric chunk carries a crc32c (inside
+the sharding codec for target/scale, so a flipped bit names one inner chunk), and sharded arrays write every
+inner chunk even when it is all zeros, so a missing shard file or chunk is always damage, never "fill".
+``LocalShardedReader`` checks the crc32c of every inner chunk it reads (google-crc32c, hardware CRC).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.codecs.bytes import Endian
-from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from olacache.store.backend import Backend
 from olacache.store.format import INDEX_PATH, StoreError
-from olacache.store.pread import ReadPool, Run, contiguous_runs, plan_runs, read_runs
+from olacache.store.local_reader import LocalShardedReader, inner_crc, is_checksum_error
+from olacache.store.pread import ReadPool, contiguous_runs
+from olacache.store.strings import ERROR_BYTES, decode_concat, decode_fixed, encode_concat, encode_fixed
 
-try:  # zarr >= 3.1 checksums shard indexes with google-crc32c; 3.0 used the `crc32c` package
-    from google_crc32c import value as _crc32c
-except ImportError:  # pragma: no cover - depends on the installed zarr
-    try:
-        from crc32c import crc32c as _crc32c
-    except ImportError:
-        _crc32c = None  # no checksum function: LocalShardedReader stays off, zarr verifies instead
-
-_MAX_U64 = np.uint64(2**64 - 1)
 _INDEX_CHUNK_ROWS = 65536
+_TEXT_CHUNK_BYTES = 1 << 20
+# format-2 names of the text arrays (olacache.store.strings); format 1 kept zarr "string" arrays at the
+# logical names INDEX_PATH and <column>/errors
+PATH_UTF8, PATH_OFFSETS, ERROR_UTF8 = "index/path_utf8", "index/path_offsets", "error_utf8"
 
 
-def _compressors(name: str | None, url: str) -> Any:
+def _compressors(name: str | None, url: str, version: int = 2) -> Any:
     if name is None:
-        return None
-    if name == "zstd":
+        out: tuple[Any, ...] = ()
+    elif name == "zstd":
         # Level 3: the usual speed/ratio knee; random fp16 features only reach ~1.09x anyway.
-        return (ZstdCodec(level=3),)
-    raise StoreError(f"{url}: unknown compressor {name!r}; use None or 'zstd'")
+        out = (ZstdCodec(level=3),)
+    else:
+        raise StoreError(f"{url}: unknown compressor {name!r}; use None or 'zstd'")
+    # crc32c last: it checksums exactly the bytes stored (Zarr v3 core codec, read by every client).
+    out = out + ((Crc32cCodec(),) if version >= 2 else ())
+    return out or None
+
+
+def _text_codecs() -> tuple[Any, ...]:
+    # gzip is a core Zarr v3 codec (zstd is an extension some clients lack); text is never hot.
+    return (GzipCodec(level=5), Crc32cCodec())
+
+
+def _is_errors(path: str) -> bool:
+    return path.count("/") == 1 and path.endswith("/errors")
 
 
 class ZarrBackend(Backend):
@@ -58,12 +70,15 @@ class ZarrBackend(Backend):
         self, url: str, local: Path | None, group: zarr.Group, *, fast_reads: bool, read_threads: int = 1
     ) -> None:
         self.url = url
+        # the store's format version decides the text arrays' names and whether new chunks get checksums
+        self.version = int(group.attrs.get("format_version", 2) or 2)
         self._pool = ReadPool(read_threads)
         self._local = local
         self._g = group
         self._fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, LocalShardedReader | None] = {}
+        self._shard_seen: dict[str, set[int]] = {}
 
     # ------------------------------------------------------------------ open / create
 
@@ -71,8 +86,15 @@ class ZarrBackend(Backend):
     def _store(url: str, local: Path | None, read_only: bool) -> Any:
         if local is not None:
             return LocalStore(local, read_only=read_only)
+        from olacache.store.remote import storage_options
+
+        opts = storage_options()
+        if url.split("://")[0] in ("s3", "s3a"):
+            # s3fs caches directory listings per process: another writer's new column (or shard) would stay
+            # invisible to a long-lived process (seen: a column added by a build missing from `teachers`).
+            opts.setdefault("use_listings_cache", False)
         try:
-            return FsspecStore.from_url(url, read_only=read_only)
+            return FsspecStore.from_url(url, read_only=read_only, storage_options=opts or None)
         except Exception as e:  # fsspec raises anything from ImportError to ValueError here
             raise StoreError(f"{url}: cannot open this URL through fsspec: {e}") from e
 
@@ -80,21 +102,40 @@ class ZarrBackend(Backend):
     def create(
         cls, url: str, local: Path | None, paths: list[str], attrs: dict[str, Any], shard_size: int
     ) -> ZarrBackend:
-        if local is not None and local.exists():
-            # An existing EMPTY directory is fine (e.g. made by a job script); anything else is refused.
-            if not local.is_dir() or any(local.iterdir()):
-                raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
-        store = cls._store(url, local, read_only=False)
-        if local is None and not sync(store.is_empty("")):
+        if local is not None and local.exists() and not local.is_dir():
             raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
-        # Root attrs are written LAST: a crash mid-create leaves a group without format_version, which open()
-        # reports as "not an olacache store" instead of a store with a short index.
-        g = zarr.create_group(store, overwrite=False, attributes={})
-        n = len(paths)
-        idx = g.create_array(INDEX_PATH, shape=(n,), dtype=str, chunks=(min(n, _INDEX_CHUNK_ROWS),))
-        idx[:] = np.array(paths, dtype=object)
+        store = cls._store(url, local, read_only=False)
+        overwrite = False
+        if not sync(store.is_empty("")):
+            # An existing EMPTY directory is fine (e.g. made by a job script), and so is a creation that was
+            # killed before its root attrs (the commit point) were written: that is redone from scratch.
+            if not cls._half_created(store):
+                raise StoreError(f"{url}: something already exists there; refusing to create a store over it")
+            overwrite = True
+        # Root attrs are written LAST: a crash mid-create leaves a group without format_version, which the
+        # next create() recognises (above) and redoes.
+        g = zarr.create_group(store, overwrite=overwrite, attributes={})
+        data, offsets = encode_concat(paths)
+        for name, arr in ((PATH_OFFSETS, offsets), (PATH_UTF8, data)):
+            a = g.create_array(
+                name, shape=arr.shape, dtype=arr.dtype, chunks=(max(1, min(len(arr), _TEXT_CHUNK_BYTES)),),
+                compressors=_text_codecs(), fill_value=0,
+            )
+            if len(arr):
+                a[:] = arr
         g.update_attributes(attrs)
         return cls(url, local, g, fast_reads=True)
+
+    @staticmethod
+    def _half_created(store: Any) -> bool:
+        """A zarr group without format_version that holds nothing but (part of) the index."""
+        try:
+            g = zarr.open_group(store, mode="r")
+        except Exception:
+            return False
+        if "format_version" in g.attrs:
+            return False
+        return set(g.keys()) <= {"index"}
 
     @classmethod
     def open(
@@ -149,16 +190,27 @@ class ZarrBackend(Backend):
         compressor: str | None,
     ) -> None:
         rest = tuple(shape[1:])
-        self._g.create_array(
-            path,
-            shape=shape,
-            dtype=str if dtype == "str" else dtype,
-            chunks=(chunk_rows, *rest),
-            shards=None if shard_rows is None else (shard_rows, *rest),
-            # strings keep zarr's default compression: error/path text compresses well and is never hot.
-            compressors="auto" if dtype == "str" else _compressors(compressor, self.url),
-            fill_value="" if dtype == "str" else 0,
-        )
+        if dtype == "str":
+            if not _is_errors(path):
+                raise StoreError(f"{self.url}: no text encoding for array {path!r}")
+            # format 2: fixed-width UTF-8 rows (olacache.store.strings), one chunk per shard like status
+            self._g.create_array(
+                f"{path.split('/')[0]}/{ERROR_UTF8}", shape=(shape[0], ERROR_BYTES), dtype="uint8",
+                chunks=(chunk_rows, ERROR_BYTES), compressors=_text_codecs(), fill_value=0,
+                attributes={"encoding": f"utf-8, zero-padded to {ERROR_BYTES} bytes per row"},
+            )
+        else:
+            self._g.create_array(
+                path,
+                shape=shape,
+                dtype=dtype,
+                chunks=(chunk_rows, *rest),
+                shards=None if shard_rows is None else (shard_rows, *rest),
+                compressors=_compressors(compressor, self.url, self.version),
+                fill_value=0,
+                # every inner chunk is written, all-zero ones too: a missing one is then always damage
+                config={"write_empty_chunks": shard_rows is not None},
+            )
         self._forget(path.split("/")[0])
 
     def _arr(self, path: str) -> zarr.Array:
@@ -169,34 +221,177 @@ class ZarrBackend(Backend):
             except KeyError:
                 raise StoreError(f"{self.url}: array {path!r} is missing; the store is incomplete") from None
             assert isinstance(a, zarr.Array)
+            if inner_crc(a):
+                # a runtime setting, not stored in the metadata: every format-2 sharded array is written with
+                # all its chunks (an all-zero shard too), so a missing shard file is always damage
+                a = a.with_config({"write_empty_chunks": True})
             self._arrays[path] = a
         return a
 
+    def resize(self, path: str, n_rows: int) -> None:
+        text = self._text_v2(path)
+        arr = self._arr(text if text is not None else path)
+        if arr.shape[0] != n_rows:
+            arr.resize((n_rows, *arr.shape[1:]))
+        self._forget(path.split("/")[0])
+
+    def write_index(self, paths: list[str]) -> None:
+        """Extend the index to ``paths`` (whose head is the current index): only the tail is written."""
+        data, offsets = encode_concat(paths)
+        for name, arr in ((PATH_OFFSETS, offsets), (PATH_UTF8, data)):
+            a = self._arr(name)
+            old = a.shape[0]
+            if old != len(arr):
+                a.resize((len(arr),))
+            start = max(0, min(old, len(arr)) - 1)
+            if len(arr) > start:
+                a[start:] = arr[start:]
+            self._arrays.pop(name, None)
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        self._g.update_attributes(attrs)
+
+    def has_array(self, path: str) -> bool:
+        try:
+            self._arr(path)
+            return True
+        except StoreError:
+            return False
+
+    def _text_v2(self, path: str) -> str | None:
+        """The format-2 array holding the logical text array ``path``, or None (format 1: zarr strings)."""
+        if self.version < 2:
+            return None
+        if path == INDEX_PATH:
+            return PATH_UTF8
+        if _is_errors(path):
+            return f"{path.split('/')[0]}/{ERROR_UTF8}"
+        return None
+
     def write(self, path: str, start: int, values: np.ndarray) -> None:
+        text = self._text_v2(path)
+        if text is not None:
+            values = encode_fixed([str(v) for v in values])
+            path = text
         # One call for the whole shard: zarr encodes the shard once (per-image writes re-encode it each time).
         self._arr(path)[start : start + len(values)] = values
 
     def read_all(self, path: str) -> np.ndarray:
+        text = self._text_v2(path)
+        if text == PATH_UTF8:
+            # only the committed rows: an extension killed before its commit point left a longer index
+            n = int(self._g.attrs.get("n_images", self._arr(PATH_OFFSETS).shape[0] - 1))
+            return np.array(
+                decode_concat(self._arr(PATH_UTF8)[:], self._arr(PATH_OFFSETS)[: n + 1]), dtype=object
+            )
+        if text is not None:
+            return decode_fixed(self._arr(text)[:])
         return np.asarray(self._arr(path)[:])
 
-    def _raw_reader(self, path: str) -> LocalShardedReader | None:
-        return LocalShardedReader.for_array(self._arr(path), self._local)
+    def _raw_reader(self, path: str) -> Any:
+        if self._local is None:
+            # object storage: cached shard indexes + one gather of coalesced byte ranges per batch
+            from olacache.store.remote_reader import RemoteShardedReader
 
-    def _library_read_into(self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+            return RemoteShardedReader.for_array(self._arr(path), self._g.store)
+        return LocalShardedReader.for_array(self._arr(path), self._local, self.url)
+
+    def _library_read_into(
+        self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False
+    ) -> np.ndarray:
         # zarr API path: every contiguous run is one getitem; all of them run concurrently on zarr's event
-        # loop in ONE sync() call (N synchronous calls would pay N loop round trips).
+        # loop in ONE sync() call (N synchronous calls would pay N loop round trips). A run that fails (a
+        # chunk's crc32c) is re-read one inner chunk at a time to find exactly the bad rows.
         arr = self._arr(path)
         aarr = getattr(arr, "async_array", None) or arr._async_array
         runs = contiguous_runs(rows)
 
-        async def _gather() -> list[Any]:
+        async def _gather(spans: list[tuple[int, int]]) -> list[Any]:
             return await asyncio.gather(
-                *(aarr.getitem(slice(int(rows[a]), int(rows[b - 1]) + 1)) for a, b in runs)
+                *(aarr.getitem(slice(a, b)) for a, b in spans), return_exceptions=True
             )
 
-        blocks = sync(_gather())
+        blocks = sync(_gather([(int(rows[a]), int(rows[b - 1]) + 1) for a, b in runs]))
+        bad: list[int] = []
         for (a, b), blk in zip(runs, blocks, strict=True):
-            out[dest[a:b]] = np.asarray(blk)
+            if not isinstance(blk, BaseException):
+                out[dest[a:b]] = np.asarray(blk)
+                continue
+            if not is_checksum_error(blk):
+                raise blk
+            c = int(arr.chunks[0])  # inner chunk rows (zarr's .chunks is the inner chunk shape)
+            sub = rows[a:b]
+            chunks = np.unique(sub // c)
+            parts = sync(_gather([(int(k) * c, min(int(k) * c + c, arr.shape[0])) for k in chunks]))
+            for k, part in zip(chunks.tolist(), parts, strict=True):
+                sel = (sub // c) == k
+                if isinstance(part, BaseException):
+                    if not is_checksum_error(part):
+                        raise part
+                    out[dest[a:b][sel]] = 0
+                    bad += sub[sel].tolist()
+                else:
+                    out[dest[a:b][sel]] = np.asarray(part)[sub[sel] - k * c]
+        if must_exist and inner_crc(arr):
+            bad += self._rows_of_missing_shards(arr, rows, out, dest)
+        return np.unique(np.asarray(bad, dtype=np.int64))
+
+    def _rows_of_missing_shards(
+        self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, dest: np.ndarray
+    ) -> list[int]:
+        """zarr reads a missing shard as the fill value; for complete rows that is damage. Existence is
+        remembered per shard (a shard seen once is not asked again: one request per shard per process)."""
+        per = int(arr.shards[0])
+        seen = self._shard_seen.setdefault(arr.path, set())
+        shards = np.unique(rows // per)
+        todo = [int(s) for s in shards if int(s) not in seen]
+        if not todo:
+            return []
+        keys = [self._shard_key(arr, s) for s in todo]
+
+        async def _exists() -> list[bool]:
+            return await asyncio.gather(*(self._g.store.exists(k) for k in keys))
+
+        bad: list[int] = []
+        for s, ok in zip(todo, sync(_exists()), strict=True):
+            if ok:
+                seen.add(s)
+            else:
+                hit = rows // per == s
+                out[dest[hit]] = 0
+                bad += rows[hit].tolist()
+        return bad
+
+    @staticmethod
+    def _shard_key(arr: zarr.Array, shard: int) -> str:
+        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+        return f"{arr.path}/{key}" if arr.path else key
+
+    def check_shard(
+        self, path: str, shard: int, shard_rows: int, keep: list[np.ndarray] | None = None
+    ) -> list[str]:
+        arr = self._arr(path)
+        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, arr.shape[0])
+        where = f"{path} shard {shard} (rows {lo}-{hi - 1})"
+        full_key = self._shard_key(arr, shard)
+        try:
+            if not sync(self._g.store.exists(full_key)):
+                return [f"{where}: shard file {full_key} is missing"]
+        except Exception as e:
+            return [f"{where}: cannot check shard file {full_key}: {type(e).__name__}: {e}"]
+        scratch = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
+        try:
+            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
+        except Exception as e:
+            return [f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
+        if len(bad):
+            c = int(arr.chunks[0])
+            chunks = sorted({int(r) // c for r in bad})
+            return [f"{where}: inner chunk rows {k * c}-{min(k * c + c, arr.shape[0]) - 1} fails its crc32c"
+                    for k in chunks]
+        if keep is not None:
+            keep.append(scratch)
+        return []
 
     def nbytes(self, column: str | None) -> int:
         if self._local is not None:
@@ -209,131 +404,3 @@ class ZarrBackend(Backend):
         self._readers.clear()
         self._pool.close()
         self._g.store.close()
-
-
-class LocalShardedReader:
-    """Reads rows of an uncompressed, sharded, local zarr v3 array by byte offset (see the module docstring).
-
-    Returns exactly what zarr returns: missing shard files and missing inner chunks read as the fill value,
-    and each shard index's crc32c is verified like zarr does."""
-
-    def __init__(
-        self, array_dir: Path, arr: zarr.Array, shard_rows: int, chunk_rows: int, index_at_end: bool
-    ) -> None:
-        self._dir = array_dir
-        self._meta = arr.metadata
-        self._ndim = arr.ndim
-        self.shard_rows = shard_rows
-        self.chunk_rows = chunk_rows
-        self.row_nbytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-        self._n_inner = shard_rows // chunk_rows
-        self._index_nbytes = self._n_inner * 16 + 4
-        self._index_at_end = index_at_end
-        self._fill = arr.metadata.fill_value
-        # shard -> ((inode, mtime_ns, size), offsets_and_lengths (n_inner, 2) uint64). Revalidated by fstat
-        # on every read: zarr rewrites a shard by writing a new file and renaming it over the old one.
-        self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
-
-    @classmethod
-    def for_array(cls, arr: zarr.Array, local: Path | None) -> LocalShardedReader | None:
-        """The fast reader if ``arr`` has exactly the layout it understands, else None (use the zarr API)."""
-        meta = arr.metadata
-        if (
-            local is None
-            or _crc32c is None
-            or sys.byteorder != "little"
-            or getattr(meta, "zarr_format", None) != 3
-        ):
-            return None
-        if arr.dtype.kind not in "iuf" or getattr(meta, "storage_transformers", ()):
-            return None
-        codecs = meta.codecs
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
-        sc = codecs[0]
-        inner = sc.codecs
-        if (
-            len(inner) != 1
-            or not isinstance(inner[0], BytesCodec)
-            or inner[0].endian not in (None, Endian.little)
-        ):
-            return None
-        ic = sc.index_codecs
-        if not (
-            len(ic) == 2
-            and isinstance(ic[0], BytesCodec)
-            and ic[0].endian in (None, Endian.little)
-            and isinstance(ic[1], Crc32cCodec)
-        ):
-            return None
-        shard_shape = tuple(meta.chunk_grid.chunk_shape)
-        chunk_shape = tuple(sc.chunk_shape)
-        rest = tuple(arr.shape[1:])
-        if shard_shape[1:] != rest or chunk_shape[1:] != rest or shard_shape[0] % chunk_shape[0]:
-            return None
-        return cls(
-            local / arr.path,
-            arr,
-            shard_rows=shard_shape[0],
-            chunk_rows=chunk_shape[0],
-            index_at_end=sc.index_location == ShardingCodecIndexLocation.end,
-        )
-
-    def _shard_file(self, shard: int) -> Path:
-        return self._dir / self._meta.encode_chunk_key((shard,) + (0,) * (self._ndim - 1))
-
-    def _load_index(self, fd: int, size: int, path: Path) -> np.ndarray:
-        if size < self._index_nbytes:
-            raise StoreError(f"{path}: shard file is {size} bytes, shorter than its index; it is corrupt")
-        raw = os.pread(fd, self._index_nbytes, size - self._index_nbytes if self._index_at_end else 0)
-        body, crc = raw[:-4], raw[-4:]
-        if np.uint32(_crc32c(body)).tobytes() != crc:  # type: ignore[misc]
-            raise StoreError(f"{path}: shard index checksum mismatch; the shard is corrupt, rebuild it")
-        idx = np.frombuffer(body, dtype="<u8").reshape(self._n_inner, 2)
-        present = idx[:, 0] != _MAX_U64
-        expected = self.chunk_rows * self.row_nbytes
-        if np.any(idx[present, 1] != expected):
-            raise StoreError(f"{path}: inner chunks are not {expected} raw bytes; unexpected layout")
-        return idx
-
-    def _shard_index(self, shard: int, fd: int, path: Path) -> np.ndarray:
-        st = os.fstat(fd)
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._index.get(shard)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        idx = self._load_index(fd, st.st_size, path)
-        self._index[shard] = (key, idx)
-        return idx
-
-    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: ReadPool) -> None:
-        """out[dest[k]] = row rows[k] (rows sorted, unique). Plans every shard first, then issues all reads
-        (concurrently when the pool has threads)."""
-        shards = rows // self.shard_rows
-        cuts = (np.nonzero(np.diff(shards))[0] + 1).tolist()
-        fds: list[int] = []
-        runs: list[Run] = []
-        try:
-            for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True):
-                shard = int(shards[a])
-                path = self._shard_file(shard)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    out[dest[a:b]] = self._fill  # zarr omits an all-fill shard (write_empty_chunks=False)
-                    continue
-                fds.append(fd)
-                idx = self._shard_index(shard, fd, path)
-                local = rows[a:b] - shard * self.shard_rows
-                starts = idx[local // self.chunk_rows, 0]
-                present = starts != _MAX_U64
-                if not present.all():
-                    out[dest[a:b][~present]] = self._fill  # an all-fill inner chunk is omitted from the shard
-                offsets = (
-                    starts[present].astype(np.int64) + (local[present] % self.chunk_rows) * self.row_nbytes
-                )
-                runs += plan_runs(fd, offsets, dest[a:b][present], self.row_nbytes)
-            read_runs(runs, out, self.row_nbytes, str(self._dir), pool.get())
-        finally:
-            for fd in fds:
-                os.close(fd)
