@@ -466,6 +466,8 @@ def compute_shards(cfg: BuildConfig, store: EmbeddingStore, teachers: dict[str, 
                 for r, reason in item["failed"].items():
                     if wanted is None or r in wanted:
                         buf.put_failed(r, reason)
+                for r in item.get("pad", []):
+                    buf.put_pad(r)
                 ok_rows = item["ok_rows"]
                 pix = item["pixels"][t]
                 if wanted is not None and ok_rows:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from olacache.inputs.images import ImageError, load_under_root
-from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreError
+from olacache.store import FAILED, MISSING, OK, PAD, EmbeddingStore, StoreError
 
 
 class ShardImages(torch.utils.data.Dataset):
@@ -42,7 +42,11 @@ class ShardImages(torch.utils.data.Dataset):
         ok_rows: list[int] = []
         failed: dict[int, str] = {}
         pix: dict[str, list[torch.Tensor]] = {t: [] for t in teachers}
+        pad: list[int] = []
         for r in rows:
+            if not self.paths[r]:  # a padding row of an extended store (path ""): no image, status PAD
+                pad.append(r)
+                continue
             try:
                 img = load_under_root(self.root, self.paths[r], allow_outside=self.allow_outside)
                 per = {t: self.pre[t](img) for t in teachers}
@@ -61,6 +65,7 @@ class ShardImages(torch.utils.data.Dataset):
             "rows": rows,
             "ok_rows": ok_rows,
             "failed": failed,
+            "pad": pad,
             "pixels": {t: torch.stack(v) if v else None for t, v in pix.items()},
         }
 
@@ -174,6 +179,9 @@ class ShardBuffer:
         idx = np.asarray(rows) - self.start
         self.values[idx] = values
         self.status[idx] = OK
+
+    def put_pad(self, row: int) -> None:
+        self.status[row - self.start] = PAD
 
     def put_failed(self, row: int, reason: str) -> None:
         self.status[row - self.start] = FAILED

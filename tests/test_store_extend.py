@@ -98,6 +98,12 @@ def test_extend_equals_fresh_build_and_reuses_everything_old(tmp_path: Path) -> 
     # rerunning the same extension is a no-op; a plain (non --extend) rebuild of A+B accepts the extended store
     assert _build(b, ext, "--extend")["images_computed"] == 0
     assert _build(ab, ext)["images_computed"] == 0
+    # a teacher added to the extended store later: its padding rows are PAD too, never "failed" images
+    _build(ab, ext, teachers="gen,depth")
+    with EmbeddingStore.open(ext) as s:
+        np.testing.assert_array_equal(s.status("depth") == PAD, s.status("gen") == PAD)
+        assert s.errors("depth") == s.errors("gen")
+    assert verify_store(str(ext)).ok
 
 
 def test_extend_refuses_hdf5_and_missing_teacher(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from olacache.store.format import FAILED, OK, row_problem
+from olacache.store.format import FAILED, OK, PAD, row_problem
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +53,9 @@ def encode_shard(
     st = np.array(status, dtype=np.uint8, copy=True).reshape(-1)
     if st.shape != (n,):
         raise ValueError(f"status shape {st.shape} != ({n},)")
-    if not np.isin(st, (OK, FAILED)).all():
-        raise ValueError(f"status entries must be OK ({OK}) or FAILED ({FAILED}); a shard is written whole")
+    if not np.isin(st, (OK, FAILED, PAD)).all():
+        raise ValueError(f"status entries must be OK ({OK}), FAILED ({FAILED}) or PAD ({PAD}, the padding rows of "
+                         "an extended store); a shard is written whole")
     errs = [str(e) for e in errors]
     if len(errs) != n:
         raise ValueError(f"{len(errs)} error strings for {n} rows")
@@ -64,7 +65,7 @@ def encode_shard(
         if why is not None:
             st[i], errs[i] = FAILED, why
     for i in range(n):
-        if st[i] == OK:
+        if st[i] in (OK, PAD):
             errs[i] = ""
         elif not errs[i]:
             errs[i] = "failed (no reason given)"

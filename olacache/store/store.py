@@ -29,6 +29,7 @@ from olacache.store.format import (
     INDEX_PATH,
     KINDS,
     MISSING,
+    PAD,
     READABLE_VERSIONS,
     RESERVED_COLUMN_ATTRS,
     SCALE,
@@ -464,7 +465,10 @@ class EmbeddingStore:
             self._write_values(name, rows.start, data, scale)
             self._write_errors(name, rows.start, errs)
             if self._b.has_array(f"{name}/{DIGEST}"):  # absent in columns upgraded from format 1
-                self._b.write(f"{name}/{DIGEST}", shard, np.array([shard_digest(data, scale)], dtype=np.uint32))
+                # padding rows (an extension's, always at the shard's end) are left out, as check_shard expects
+                k = int((st != PAD).sum())
+                digest = shard_digest(data[:k], None if scale is None else scale[:k])
+                self._b.write(f"{name}/{DIGEST}", shard, np.array([digest], dtype=np.uint32))
             self._write_status(name, rows.start, st)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
