@@ -192,6 +192,15 @@ def _classify(e: BaseException) -> tuple[int, str]:
                          "traceback; please report it)")
 
 
+def _leave_process_group() -> None:
+    """A command that ran under torchrun leaves its process group before the interpreter exits (only when
+    torch.distributed was imported at all: `--help` and `info` never import torch)."""
+    if "torch.distributed" in sys.modules:
+        from olacache.common.runtime import shutdown
+
+        shutdown()
+
+
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command; an escaping exception becomes one ``error:`` line and its exit code (see the module
     docstring), Ctrl-C says what was kept. With OLAKIT_DEBUG=1 exceptions propagate (traceback)."""
@@ -200,7 +209,9 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _on_interrupt.clear()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _leave_process_group()
+            return result
         except (ClickException, typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:

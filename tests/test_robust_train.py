@@ -274,13 +274,13 @@ def test_data_errors_in_workers_are_one_line(dirty, tmp_path):
 
 
 def _corrupt_first_rows(store: str, teacher: str, rows: int) -> None:
-    """Overwrite the first rows of the first shard file of a column with 0xFF bytes (fp16 NaN), leaving the
-    shard index (crc-checked, at the end) alone: those rows read back as NaN."""
-    col = Path(store) / teacher / "target"
-    row_bytes = 2 * int(np.prod(json.loads((col / "zarr.json").read_text())["shape"][1:]))
-    shards = sorted(p for p in (col / "c").rglob("*") if p.is_file())
-    with open(shards[0], "r+b") as f:
-        f.write(b"\xff" * (rows * row_bytes))
+    """Store NaN in the first rows of a column through zarr itself, so the chunk checksums (store format 2)
+    stay valid: rows a checksum cannot catch (another tool or a buggy writer put them there; write_shard
+    refuses non-finite rows). Those rows read back as NaN with status OK."""
+    import zarr
+
+    arr = zarr.open_array(str(Path(store) / teacher / "target"), mode="r+")
+    arr[:rows] = np.full((rows, *arr.shape[1:]), np.nan, dtype=arr.dtype)
 
 
 def test_corrupted_store_rows_are_masked_never_a_nan_step(dirty, tmp_path):
@@ -330,21 +330,24 @@ def test_the_step_guard_catches_what_the_row_check_would_miss(dirty, tmp_path, m
     assert all(bool(v.isfinite().all()) for v in w.values())
 
 
-def test_a_corrupted_shard_index_stops_with_one_line(dirty, tmp_path):
-    """A shard whose (crc-checked) index is damaged cannot be read at all: the run stops at its first batch
-    with one line naming the store, also when the read happens in a DataLoader worker."""
+def test_a_corrupted_shard_never_reaches_training_as_data(dirty, tmp_path, caplog):
+    """A flipped byte in a shard file (here its crc-checked index) fails the store's checksums: the rows it
+    holds are read as failed targets, named in a warning, and the run trains on without them; no step sees
+    garbage and nothing non-finite is applied."""
+    import logging
+
     store = tmp_path / "copy.zarr"
     shutil.copytree(dirty["store"], store)
     shard = next(p for p in (store / "gen" / "target" / "c").rglob("*") if p.is_file())
     _flip(shard, shard.stat().st_size - 6)
     out = tmp_path / "run"
-    with pytest.raises(RunError) as e:
-        _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=2", "data.num_workers=1",
-                                                  store=str(store)))
-    msg = str(e.value)
-    _one_line(msg)
-    assert msg.startswith("[pt] step 1:") and str(store) in msg and "olacache verify" in msg, msg
-    assert not _rows(out / "pt")
+    with caplog.at_level(logging.WARNING, logger="olacache.store"):
+        _train(_config(tmp_path, ("pt",)), _dsets(dirty, out, "train.max_steps=2", store=str(store)))
+    assert any("treated as failed targets" in r.getMessage() for r in caplog.records), caplog.records
+    rows = _rows(out / "pt")
+    assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
+    w = load_file(str(out / "pt" / "final" / ckpt.WEIGHTS))
+    assert all(bool(v.isfinite().all()) for v in w.values())
 
 
 def _nan_on(steps: set[int], monkeypatch) -> None:

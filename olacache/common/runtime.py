@@ -77,3 +77,11 @@ def init_runtime(device: str = "auto") -> Runtime:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(torch.distributed.get_rank(), world, local, dev)
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one. Called when a command ends: a gloo group left to
+    the interpreter's exit can abort a rank ("terminate called without an active exception", seen under load)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
