@@ -29,6 +29,8 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from olacache.common.files import human_bytes
+
 try:  # typer >= 0.2x vendors click as typer._click; earlier versions use click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
@@ -397,7 +399,7 @@ def _print_summary(s) -> None:  # noqa: ANN001 - BuildSummary
     for t in s.teachers:
         cos = f"{t.int8_cosine_mean:.4f}/{t.int8_cosine_min:.4f}" if t.int8_cosine_mean is not None else "-"
         tab.add_row(t.name, "x".join(map(str, t.shape)), str(t.n_ok), str(t.n_failed), str(t.n_missing),
-                    _human(t.bytes_per_image), cos)
+                    human_bytes(t.bytes_per_image), cos)
     console.print(tab)
     if s.failures:
         console.print(f"[yellow]{len(s.failures)} image(s) failed[/] (recorded in the store):")
@@ -407,14 +409,6 @@ def _print_summary(s) -> None:  # noqa: ANN001 - BuildSummary
             console.print(f"  ... and {len(s.failures) - 20} more (`olacache verify {s.store}` lists them all)")
         console.print("after fixing the files (or the image root), add --retry-failed to recompute just those",
                       markup=False)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return str(n)
 
 
 def _storage_options(items: list[str] | None) -> None:
@@ -451,7 +445,7 @@ def info_cmd(
         return
     out.print(f"[bold]{info['store']}[/] ({info['format']}, format v{info['format_version']}, {info['created_by']})")
     out.print(f"{info['n_images']} images, {info['n_shards']} shards of {info['shard_size']}, "
-              f"{_human(info['bytes'])} on disk, fingerprint {info['fingerprint'][:16]}")
+              f"{human_bytes(info['bytes'])} on disk, fingerprint {info['fingerprint'][:16]}")
     tab = Table()
     for c in ("teacher", "shape", "dtype", "weights", "ok/failed/missing", "on disk", "per image", "int8 cos"):
         tab.add_column(c, no_wrap=True)
@@ -459,8 +453,8 @@ def info_cmd(
         w = "random_init" if t["random_init"] else str(t["weights"])
         cos = f"{t['int8_cosine_mean']:.4f}/{t['int8_cosine_min']:.4f}" if t.get("int8_cosine_mean") else "-"
         tab.add_row(name, "x".join(map(str, t["shape"])), str(t["dtype"]), w,
-                    f"{t['n_ok']}/{t['n_failed']}/{t['n_missing']}", _human(t["bytes"]),
-                    _human(t["bytes_per_image"]), cos)
+                    f"{t['n_ok']}/{t['n_failed']}/{t['n_missing']}", human_bytes(t["bytes"]),
+                    human_bytes(t["bytes_per_image"]), cos)
     out.print(tab)
 
 
@@ -780,7 +774,7 @@ def sweep_cmd(
 
 
 def _print_sweep_table(summary: dict, directory: Path) -> None:
-    from olatrain.sweep_summary import fmt, human_bytes
+    from olatrain.sweep_summary import fmt
 
     rows = summary["runs"]
     stages = [s for r in rows for s in r["stages"]]

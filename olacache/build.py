@@ -37,7 +37,7 @@ from olacache import __version__
 from olacache.common.configio import ConfigError, build_dataclass, load_yaml_file
 from olacache.common.runtime import Runtime, init_runtime
 from olacache.inputs.annotations import load_annotations, unique_images
-from olacache.inputs.images import ImageError, resolve_under_root
+from olacache.inputs.images import missing_under_root
 from olacache.shards import (
     ShardBuffer,
     ShardImages,
@@ -331,7 +331,7 @@ def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
     step = max(1, -(-len(paths) // PROBE_IMAGES))  # ceil: the probe spans the whole list
     first = paths[: cfg.batch_size]
     probe = list(dict.fromkeys(first + paths[::step][:PROBE_IMAGES]))
-    missing = {rel: tried for rel in probe if (tried := _missing(cfg.image_root, rel)) is not None}
+    missing = {rel: tried for rel in probe if (tried := missing_under_root(cfg.image_root, rel)) is not None}
     if not missing:
         return
     if all(rel in missing for rel in first) or len(missing) > cfg.max_missing_fraction * len(probe):
@@ -341,15 +341,6 @@ def check_image_root(cfg: BuildConfig, paths: list[str]) -> None:
             "image root right? Nothing was written. Pass the directory the annotation paths are relative to "
             "(or pass --max-missing-fraction 1 to build anyway)"
         )
-
-
-def _missing(root: str, rel: str) -> str | None:
-    """The full path tried when ``root/rel`` exists in no spelling, else None."""
-    try:
-        resolve_under_root(root, rel, allow_outside=True)
-    except ImageError as e:
-        return e.path
-    return None
 
 
 def build(cfg: BuildConfig, *, progress: Callable[[int, int, int], None] | None = None,

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from olacache.common.files import atomic_write_text, fsync_dir
+
 WEIGHTS = "model.safetensors"
 OPTIM = "optimizer.pt"
 STATE = "state.json"
@@ -80,17 +82,6 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,13 +97,8 @@ def _write_manifest(directory: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Pointers and markers (LATEST, DONE): durable, since resume trusts them."""
+    atomic_write_text(path, text, durable=True)
 
 
 def save_checkpoint(
@@ -157,7 +143,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     return directory
 
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from olacache.common.files import fsync_dir
 from olatrain import checkpoint as ckpt
 
 TRAIN_STATE = "train_state.pt"
@@ -72,7 +73,7 @@ def save_sharded(directory: Path, *, model: Any, optimizer: Any, scheduler: Any,
                     "rng": ckpt.rng_state()}, tmp / TRAIN_STATE)
         (tmp / ckpt.STATE).write_text(json.dumps({"step": step, "stage": stage, "config": config, "format": "dcp"},
                                                  indent=1, default=str))
-        ckpt._fsync_dir(tmp)
+        fsync_dir(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -81,7 +82,7 @@ def save_sharded(directory: Path, *, model: Any, optimizer: Any, scheduler: Any,
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(directory)
-        ckpt._fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     _barrier()
     return directory
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from olacache.common.files import atomic_write_text
 
 
 class MetricsLog:
@@ -43,9 +44,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 class TrainDisplay:

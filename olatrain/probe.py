@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from olacache.common.configio import ConfigError, build_dataclass
-from olatrain.probe_outputs import assemble_result, atomic_write, pair_key, write_outputs
+from olacache.common.files import atomic_write
+from olatrain.probe_outputs import assemble_result, pair_key, write_outputs
 from olatrain.probe_source import ProbeError, Source, frozen_hidden_states, load_frozen_model
 
 STATE_FILE = "probe_state.pt"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from olacache.common.files import atomic_write
 
 if TYPE_CHECKING:
     from olatrain.probe import ProbeJob
@@ -21,12 +21,6 @@ if TYPE_CHECKING:
 
 def pair_key(t: str, layer: int) -> str:
     return f"{t}@{layer}"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def assemble_result(job: ProbeJob, scores: dict[str, dict[str, float]], losses: dict[str, list[float]],

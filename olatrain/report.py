@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from olacache.common.files import atomic_write_text
 from olatrain.config import STAGES
 
 
@@ -121,9 +122,7 @@ def summarize_run(run_dir: Path, *, write: bool = True) -> RunSummary:
     if write:
         for d in dirs:
             loss_figure([(d.name, read_metrics(d))], d / "losses.png", title=f"{run_dir.name} / {d.name}: losses")
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary.to_dict(), indent=1))
-        os.replace(tmp, run_dir / "summary.json")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary.to_dict(), indent=1))
     return summary
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from olacache.common.configio import ConfigError, load_yaml_file
+from olacache.common.files import atomic_write_text
 
 STATUS_FILE = "sweep_run.json"
 SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -181,9 +182,7 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (STATUS_FILE + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(status, indent=1, default=str))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps(status, indent=1, default=str))
 
 
 def run_is_finished(run_dir: Path, sweep: Sweep) -> bool:

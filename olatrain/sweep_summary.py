@@ -9,11 +9,11 @@ import csv
 import io
 import json
 import math
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from olacache.common.files import atomic_write_text
 from olatrain.report import read_metrics, stage_dirs
 from olatrain.sweep import Sweep, read_status
 
@@ -134,7 +134,7 @@ def write_summary(sweep: Sweep, out: Path) -> dict[str, Any]:
     summary = {"sweep": str(sweep.path), "base": str(sweep.base), "runs": rows, "totals": totals,
                "note": "teacher_forwards_avoided = target rows read from the store (samples seen x the annotations' "
                        "image share x teachers; probes: probe images x teachers); no teacher was built or run"}
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     flats = [_flat(r) for r in rows]
     cols: list[str] = []
     for f in flats:
@@ -143,7 +143,7 @@ def write_summary(sweep: Sweep, out: Path) -> dict[str, Any]:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     w.writerows(flats)
-    _atomic_text(out / "summary.csv", buf.getvalue())
+    atomic_write_text(out / "summary.csv", buf.getvalue())
     trained = [out / r["name"] for r in rows if stage_dirs(out / r["name"])]
     if trained:
         compare_runs(trained, out / "losses.png")
@@ -154,18 +154,6 @@ def write_summary(sweep: Sweep, out: Path) -> dict[str, Any]:
     return summary
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return str(n)
 
 
 def fmt(x: Any) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -17,3 +19,59 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # subprocesses, and OpenMP threads spin-waiting for a busy core made single tests 5-10x slower (measured:
 # a 7 s test took 60 s). Also keeps cross-process bitwise comparisons on equal thread counts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's in-process training runs (restored afterwards): numbers then
+    match the subprocess runs (OMP_NUM_THREADS=1) bitwise, and 2 busy cores are not oversubscribed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def many_images(tmp: Path, n: int, sub: str = "") -> tuple[Path, Path]:
+    """n copies of the bundled photos under tmp/imgs[/sub] and an image-list annotation file for them."""
+    import json
+    import shutil
+
+    root = tmp / "imgs"
+    (root / sub).mkdir(parents=True, exist_ok=True)
+    srcs = sorted((EXAMPLES / "images").glob("*.jpg"))
+    ann = []
+    for i in range(n):
+        name = f"{sub}/img_{i:03d}.jpg" if sub else f"img_{i:03d}.jpg"
+        shutil.copy(srcs[i % len(srcs)], root / name)
+        ann.append({"id": str(i), "image": name, "conversations": []})
+    (tmp / "many.json").write_text(json.dumps(ann))
+    return tmp / "many.json", root
+
+
+def kill_build_when(args: list[str], url: str, ready, *, poll: float = 0.1, timeout: float = 300) -> None:
+    """Run ``python -m olacache build ARGS`` and SIGKILL it as soon as ``ready(store)`` holds for the store at
+    ``url`` (opened read-only between polls; a store not yet readable is simply not ready)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from olacache.store import EmbeddingStore
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "olacache", "build", *args], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        try:
+            with EmbeddingStore.open(url) as s:
+                if ready(s):
+                    break
+        except Exception:
+            pass
+        time.sleep(poll)
+    assert p.poll() is None, "the build finished before it could be killed; make the job longer"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, kill_build_when, many_images
 from PIL import Image
 
 from olacache.build import BuildConfig, BuildError, build
@@ -166,46 +164,17 @@ def _cli(*args: str, threads: int | None = None, **kw) -> subprocess.CompletedPr
                           text=True, **kw)
 
 
-def _many_images(tmp_path: Path, n: int) -> tuple[Path, Path]:
-    root = tmp_path / "imgs"
-    (root / "sub").mkdir(parents=True)
-    srcs = sorted(p for p in (EXAMPLES / "images").glob("*.jpg"))
-    ann = []
-    for i in range(n):
-        name = f"sub/img_{i:03d}.jpg"
-        shutil.copy(srcs[i % len(srcs)], root / name)
-        ann.append({"id": str(i), "image": name, "conversations": []})
-    (tmp_path / "many.json").write_text(json.dumps(ann))
-    return tmp_path / "many.json", root
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
-    ann, root = _many_images(tmp_path, 48)
+    ann, root = many_images(tmp_path, 48, sub="sub")
     common = [str(ann), str(root), "--teachers", "depth,gen", "--batch-size", "2", "--shard-size", "4",
               "--workers", "0"]
     ref = _cli("build", *common, "--out", str(tmp_path / "ref.zarr"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed.zarr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "olacache", "build", *common, "--out", str(out)], env=env,
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    n_done = 0
-    while time.time() < deadline and p.poll() is None:
-        if EmbeddingStore.exists(str(out)):
-            try:
-                with EmbeddingStore.open(str(out)) as s:
-                    if "gen" in s.teachers and "depth" in s.teachers:
-                        n_done = int(s.complete_shards("depth").sum())
-            except Exception:
-                pass
-        if n_done >= 3:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "build finished before it could be killed; make the job longer"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_build_when([*common, "--out", str(out)], str(out),
+                    lambda s: {"gen", "depth"} <= set(s.teachers) and int(s.complete_shards("depth").sum()) >= 3,
+                    poll=0.05, timeout=120)
     with EmbeddingStore.open(str(out)) as s:
         done_before = s.complete_shards("depth") & s.complete_shards("gen")
         assert 0 < done_before.sum() < s.n_shards
@@ -224,7 +193,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(tmp_path):
-    ann, root = _many_images(tmp_path, 20)
+    ann, root = many_images(tmp_path, 20, sub="sub")
     common = [str(ann), str(root), "--teachers", "depth,gen", "--batch-size", "2", "--shard-size", "4",
               "--workers", "0", "--device", "cpu"]
     single = _cli("build", *common, "--out", str(tmp_path / "one.zarr"), threads=1)

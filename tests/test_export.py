@@ -32,12 +32,7 @@ PROMPT = "What is in the picture?"
 LOGITS_ATOL = 1e-5  # fp32; measured 0.0 (same kernels, same order)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _cli(*args: str):

@@ -43,11 +43,8 @@ COMMON = [*GEN_ONLY, f"stages.pt.train.max_steps={PT_STEPS}", f"stages.ift.train
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_no_leftover_group():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_no_leftover_group(one_torch_thread):
     yield
-    torch.set_num_threads(n)
     if dist.is_initialized():  # the private one-rank group an in-process FSDP run creates
         dist.destroy_process_group()
 

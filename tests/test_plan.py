@@ -24,12 +24,7 @@ SETS = [f"data.annotations={EXAMPLES / 'sample.json'}", f"data.image_root={EXAMP
         "data.num_workers=0", "train.batch_size=4", "train.grad_checkpointing=off"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import EXAMPLES, ROOT
 from typer.testing import CliRunner
@@ -40,12 +39,7 @@ TEACHER_MODULES = ("olacache.teachers", "diffusers", "transformers.models.depth_
 FAST = {"steps": 2, "batch_size": 2, "eval_fraction": 0.2, "save_every": 0, "num_workers": 0, "heads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _quiet(*_a, **_k) -> None:

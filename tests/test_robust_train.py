@@ -54,12 +54,7 @@ BAD = {  # file -> the reason the decoder gives (a substring)
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _bomb_png(width: int, height: int) -> bytes:

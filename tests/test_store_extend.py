@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, kill_build_when
 
 from olacache.store import EmbeddingStore, TargetReader
 from olacache.store.format import PAD
@@ -144,21 +142,8 @@ def test_killed_extension_resumes_to_the_same_store(tmp_path: Path) -> None:
     for out in (ref, killed):
         assert _cli("build", str(a), *common, "--out", str(out)).returncode == 0
     assert _cli("build", str(b), *common, "--out", str(ref), "--extend").returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "olacache", "build", str(b), *common, "--out", str(killed),
-                          "--extend"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        try:
-            with EmbeddingStore.open(killed) as s:
-                if s.n_images > 8 and int(s.complete_shards("gen").sum()) >= 4:
-                    break
-        except Exception:
-            pass
-        time.sleep(0.1)
-    assert p.poll() is None, "the extension finished before it could be killed"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_build_when([str(b), *common, "--out", str(killed), "--extend"], str(killed),
+                    lambda s: s.n_images > 8 and int(s.complete_shards("gen").sum()) >= 4)
     summary = json.loads(_cli("build", str(b), *common, "--out", str(killed), "--extend", "--json").stdout)
     assert summary["shards_skipped_complete"] >= 4
     with EmbeddingStore.open(ref) as r, EmbeddingStore.open(killed) as k:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, kill_build_when, many_images
 from s3_server import BUCKET, seaweedfs
 
 from olacache.store import OK, EmbeddingStore, TargetReader
@@ -95,46 +92,16 @@ def test_build_to_s3_equals_local_and_verifies(s3, local_ref):
     assert json.loads(res.stdout)["teachers"]["gen"]["n_ok"] > 0
 
 
-def _many_images(tmp: Path, n: int) -> tuple[Path, Path]:
-    import shutil
-
-    root = tmp / "imgs"
-    root.mkdir(parents=True)
-    srcs = sorted((EXAMPLES / "images").glob("*.jpg"))
-    ann = []
-    for i in range(n):
-        shutil.copy(srcs[i % len(srcs)], root / f"img_{i:03d}.jpg")
-        ann.append({"id": str(i), "image": f"img_{i:03d}.jpg", "conversations": []})
-    (tmp / "many.json").write_text(json.dumps(ann))
-    return tmp / "many.json", root
-
-
 @pytest.mark.slow
 def test_kill_build_to_s3_and_resume_equals_uninterrupted(s3, tmp_path):
-    ann, root = _many_images(tmp_path, 48)
+    ann, root = many_images(tmp_path, 48)
     common = [str(ann), str(root), "--teachers", "depth,gen", "--batch-size", "2", "--shard-size", "4",
               "--workers", "0", "--device", "cpu"]
     ref = _cli("build", *common, "--out", str(tmp_path / "ref.zarr"))
     assert ref.returncode == 0, ref.stderr
     url = f"s3://{BUCKET}/killed.zarr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "olacache", "build", *common, "--out", url],
-                         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    n_done = 0
-    while time.time() < deadline and p.poll() is None:
-        try:
-            with EmbeddingStore.open(url) as s:
-                if {"gen", "depth"} <= set(s.teachers):
-                    n_done = int((s.complete_shards("depth") & s.complete_shards("gen")).sum())
-        except Exception:
-            pass
-        if n_done >= 1:
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, "the build finished before it could be killed; make the job longer"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_build_when([*common, "--out", url], url, lambda s: {"gen", "depth"} <= set(s.teachers) and int(
+        (s.complete_shards("depth") & s.complete_shards("gen")).sum()) >= 1, poll=0.2)
     with EmbeddingStore.open(url) as s:
         done = s.complete_shards("depth") & s.complete_shards("gen")
         assert 0 < done.sum() < s.n_shards

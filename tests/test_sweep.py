@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import EXAMPLES, ROOT
 from typer.testing import CliRunner
@@ -21,12 +20,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _write(path: Path, data: dict) -> Path:

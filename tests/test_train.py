@@ -69,12 +69,7 @@ LOSS_KEYS = ("loss", "loss_ce", "loss_depth", "loss_seg", "loss_gen")
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _env() -> dict[str, str]:

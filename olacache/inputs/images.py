@@ -95,6 +95,16 @@ def resolve_under_root(root: str | os.PathLike[str], rel: str, *, allow_outside:
     return real, found
 
 
+def missing_under_root(root: str | os.PathLike[str], rel: str) -> str | None:
+    """The full path tried when ``root/rel`` exists in no spelling (as written, NFC, NFD), else None: the cheap
+    existence check behind both wrong-image-root refusals (build and trainer)."""
+    try:
+        resolve_under_root(root, rel, allow_outside=True)
+    except ImageError as e:
+        return e.path
+    return None
+
+
 def load_under_root(root: str | os.PathLike[str], rel: str, *, allow_outside: bool = False) -> Image.Image:
     """``load_rgb`` for an image path relative to ``root``: NFC/NFD lookup and the containment check of
     :func:`resolve_under_root`, then the same decode. Errors name the path under the root."""

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from olacache.common.files import atomic_write
 from olacache.store.format import StoreLocked, resolve_url
 
 LEASE_SUFFIX = ".lease"
@@ -89,9 +90,7 @@ class _Slot:
             return
         p = Path(self.path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)  # atomic: a reader never sees half a lease
+        atomic_write(p, lambda tmp: tmp.write_bytes(data))  # a reader never sees half a lease
 
     def delete(self) -> None:
         try:

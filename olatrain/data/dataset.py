@@ -25,7 +25,7 @@ as one memcpy under spawn/forkserver.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from olacache.inputs.annotations import load_annotations
-from olacache.inputs.images import ImageError, load_under_root
+from olacache.inputs.images import ImageError, load_under_root, missing_under_root
 from olacache.inputs.keys import normalize_image_path
 from olatrain.config import Config
 from olatrain.data.errors import DataError
@@ -291,19 +291,24 @@ class ConversationDataset(Dataset):
             f"{self.annotations}"
         )
 
+    def _distinct_images(self) -> Iterator[tuple[int, str]]:
+        """(active index, store key) of each image's first active sample, in sample order."""
+        seen: set[str] = set()
+        for i in range(len(self)):
+            key = self.image_key(i)
+            if key is not None and key not in seen:
+                seen.add(key)
+                yield i, key
+
     def check_image_root(self, probe: int = 32) -> None:
         """Refuse a wrong ``data.image_root`` before step 1: when none of the first ``probe`` distinct images
         of the active samples exists there (a cheap stat each), replacing them one by one would only train on
         the text-only samples."""
         tried: list[Path] = []
-        seen: set[str] = set()
-        for i in range(len(self)):
-            key = self.image_key(i)
-            if key is None or key in seen:
-                continue
-            seen.add(key)
+        for i, key in self._distinct_images():
             raw = self.sample(i)["image"]
-            if (self.image_root / key).exists() or (self.image_root / raw).exists():
+            # the same lookup the loader uses (as written, NFC, NFD): an NFD-named file is not a wrong root
+            if any(missing_under_root(self.image_root, rel) is None for rel in dict.fromkeys((key, raw))):
                 return
             tried.append(self.image_root / key)
             if len(tried) >= probe:
@@ -320,12 +325,7 @@ class ConversationDataset(Dataset):
         share of them (every ``world``-th distinct image from ``rank``); -> [(sample id and path, reason)] of
         the failures."""
         jobs: list[tuple[str, str]] = []
-        seen: set[str] = set()
-        for i in range(len(self)):
-            key = self.image_key(i)
-            if key is None or key in seen:
-                continue
-            seen.add(key)
+        for i, key in self._distinct_images():
             s = self.sample(i)
             jobs.append((str(i), f"sample {s['id']!r} ({key})"))
 
