@@ -55,7 +55,7 @@ def check_output_dir(cfg: Config) -> None:
                        f"e.g. output_dir=runs/my-run")
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir={cfg.output_dir} exists and is not a directory; choose another output_dir")
-    for p in (out, *out.parents):
+    for p in (*reversed(out.parents), out):  # outermost first: name the store, not one of its groups
         if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() or (p / ".zarray").is_file():
             raise RunError(f"output_dir={cfg.output_dir} is inside the embedding store {p}; a run must not write "
                            f"into a store: choose a directory outside it")
