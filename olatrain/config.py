@@ -27,6 +27,7 @@ from olacache.common.configio import (
     load_yaml_file,
     parse_overrides,
 )
+from olacache.common.files import parse_size
 
 __all__ = ["ConfigError", "Config", "RunSpec", "config_from_dict", "deep_merge", "load_run", "parse_overrides"]
 
@@ -95,6 +96,13 @@ class DataConfig:
     # (deterministic, counted, listed in <stage>/skipped.jsonl); "error" decodes every image before step 1 and
     # stops on the first failure (olatrain/data/skips.py)
     bad_images: str = "skip"
+    # batches each DataLoader worker reads ahead from the store in the background (the batch it makes now plus
+    # this many of its next ones); None = 2 for object storage (s3://...), 0 for a local store
+    store_readahead: int | None = None
+    # a local directory that keeps the target chunks read from an object-storage store, for repeated epochs and
+    # sweeps (bounded by store_cache_size; shared by workers and ranks; ignored for a local store)
+    store_cache: str | None = None
+    store_cache_size: str = "50GB"
 
 
 @dataclass
@@ -279,6 +287,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
     if d.bad_images not in ("skip", "error"):
         raise ConfigError(f"data.bad_images must be 'skip' or 'error', got {d.bad_images!r}")
+    if d.store_readahead is not None and d.store_readahead < 0:
+        raise ConfigError(f"data.store_readahead must be >= 0 batches (or none for auto), got {d.store_readahead}")
+    try:
+        parse_size(d.store_cache_size)
+    except ValueError as e:
+        raise ConfigError(f"data.store_cache_size: {e}") from None
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.parallel not in ("ddp", "fsdp"):
@@ -303,6 +317,12 @@ def validate(cfg: Config) -> None:
                 f"model.spatial_queries ({cfg.model.spatial_queries}) must be divisible by "
                 f"model.task_tokens.{name} ({n}): the inserted tokens are group means"
             )
+
+
+def store_read_options(cfg: Config) -> dict[str, Any]:
+    """TargetReader keyword arguments from ``data.store_readahead`` / ``store_cache`` / ``store_cache_size``."""
+    d = cfg.data
+    return {"readahead": d.store_readahead, "cache_dir": d.store_cache, "cache_bytes": parse_size(d.store_cache_size)}
 
 
 def validate_report_to(cfg: Config) -> None:

@@ -183,6 +183,7 @@ def _fingerprint(src: Source, pc: ProbeConfig) -> str:
 
 def prepare(src: Source, pc: ProbeConfig, out: Path, log: Callable[[str], None]) -> ProbeJob:
     from olacache.store import StoreError, TargetReader
+    from olatrain.config import store_read_options
     from olatrain.data import ConversationDataset, DataError, check_targets, load_image_processor
     from olatrain.presets import load_tokenizer
     from olatrain.train import seed_everything, trainer_runtime
@@ -196,7 +197,7 @@ def prepare(src: Source, pc: ProbeConfig, out: Path, log: Callable[[str], None])
         raise ProbeError("probing reads targets from a store: the model's config has no data.store; "
                          "pass --set data.store=STORE")
     try:
-        reader = TargetReader(cfg.data.store, pc.teachers or None)
+        reader = TargetReader(cfg.data.store, pc.teachers or None, **store_read_options(cfg))
     except StoreError as e:
         raise ProbeError(f"cannot use store {cfg.data.store}: {e}") from None
     teachers = reader.teachers

@@ -39,7 +39,7 @@ import torch
 from olacache.common.runtime import Runtime, init_runtime
 from olatrain import checkpoint as ckpt
 from olatrain import guards, parallel
-from olatrain.config import Config, RunSpec, config_from_dict
+from olatrain.config import Config, RunSpec, config_from_dict, store_read_options
 from olatrain.guards import RunError
 from olatrain.metrics import MetricsLog, TrainDisplay
 
@@ -112,7 +112,7 @@ def open_targets(cfg: Config, device: torch.device) -> tuple[Any, Any, dict[str,
             "or train.targets=online to run the teachers live"
         )
     try:
-        reader = TargetReader(cfg.data.store, teachers)
+        reader = TargetReader(cfg.data.store, teachers, **store_read_options(cfg))
     except StoreError as e:
         raise SystemExit(f"cannot use store {cfg.data.store}: {e}") from e
     return reader, None, {t: TargetSpec(reader.shapes[t], reader.kinds[t]) for t in teachers}
@@ -205,6 +205,9 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
     tokenizer = load_tokenizer(cfg)
     image_processor = load_image_processor(cfg)
     reader, online, specs = open_targets(cfg, rt.device)
+    if reader is not None and cfg.data.store_cache and not reader.is_remote and rt.main:
+        log(f"[{stage}] data.store_cache is not used: {cfg.data.store} is on local disk (the cache is for "
+            "object storage)")
     for t, spec in specs.items():  # the store's kinds win, and the saved config carries them to later stages
         cfg.model.teacher_kinds[t] = spec.kind
     try:

@@ -360,3 +360,31 @@ def test_dataloader_spawn_context(tmp_path, tok, proc, paths):
                           multiprocessing_context="spawn")
     got = next(iter(ld))
     assert got["ids"] == ref["ids"] and torch.equal(got["targets"]["gen"], ref["targets"]["gen"])
+
+
+def test_store_readahead_reads_the_next_batches_early(tmp_path, tok, proc, paths):
+    """data.store_readahead: each batch's targets (and the next N batches') are read in the background before
+    the batch is made; batches equal those without read-ahead, also with 2 workers (fork) guessing their
+    next steps from the round robin."""
+    url = make_store(tmp_path, paths)
+    cfg = make_cfg()
+    kw = dict(shuffle=True, seed=3, drop_last=True, rank=0, world_size=1)
+    plain_reader = TargetReader(url, ["gen", "depth"], readahead=0)
+    assert plain_reader.readahead == 0 and TargetReader(url).readahead == 0  # off by default for a local store
+    it = iter(build_dataloader(dataset(cfg, tok, proc, plain_reader), 4, num_workers=0, **kw))
+    ref = [next(it) for _ in range(7)]
+    assert plain_reader.readahead_stats == {"started": 0, "used": 0, "direct": 7}
+
+    ahead = TargetReader(url, ["gen", "depth"], readahead=2)
+    it = iter(build_dataloader(dataset(cfg, tok, proc, ahead), 4, num_workers=0, **kw))
+    got = [next(it) for _ in range(7)]
+    # batch s started s, s+1, s+2 (the first) or only s+2 (the others): every read was started ahead
+    assert ahead.readahead_stats == {"started": 7 + 2, "used": 7, "direct": 0}
+    it2 = iter(build_dataloader(dataset(cfg, tok, proc, ahead), 4, num_workers=2, **kw))
+    got2 = [next(it2) for _ in range(7)]
+    for a, b, c in zip(ref, got, got2, strict=True):
+        assert a["ids"] == b["ids"] == c["ids"]
+        for t in ("gen", "depth"):
+            assert torch.equal(a["targets"][t], b["targets"][t]) and torch.equal(a["targets"][t], c["targets"][t])
+            assert torch.equal(a["target_mask"][t], b["target_mask"][t])
+    del it2

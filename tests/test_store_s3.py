@@ -180,3 +180,132 @@ def test_remote_reader_equals_zarr_api(s3, dtype):
         for name in ("big", "small"):
             np.testing.assert_array_equal(fast.read_rows(name, rows), api.read_rows(name, rows))
             assert type(fast._b._readers[f"{name}/target"]).__name__ == "RemoteShardedReader"
+
+
+def _cache_store(url: str, n: int = 21, seed: int = 5) -> np.ndarray:
+    paths = [f"c/{i:03d}.jpg" for i in range(n)]
+    v = np.random.default_rng(seed).standard_normal((n, 4, 512), dtype=np.float32).astype(np.float16)
+    with EmbeddingStore.create(url, paths, shard_size=8) as s:
+        s.add_teacher("t", (4, 512))
+        for k in range(s.n_shards):
+            r = s.shard_rows(k)
+            s.write_shard("t", k, v[r.start:r.stop], np.full(len(r), OK, np.uint8), [""] * len(r))
+    return v
+
+
+def _no_target_reads(monkeypatch) -> None:
+    """Target bytes and shard indexes may no longer come from the server (metadata and status still do)."""
+    import s3fs
+
+    from olacache.store.remote_reader import RemoteShardedReader
+
+    def refuse(*a, **k):
+        raise AssertionError("read from the network although every chunk is in the local cache")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_ranges", refuse)
+    monkeypatch.setattr(RemoteShardedReader, "_fetch_index", refuse)
+
+
+def test_chunk_cache_serves_repeated_reads_locally(s3, tmp_path, monkeypatch):
+    """data.store_cache: a second reader (another process, another epoch) gets every chunk from local disk with
+    no network read, equal bit for bit; a damaged cache entry is noticed by its crc32c and fetched again."""
+    url = f"s3://{BUCKET}/cache.zarr"
+    v = _cache_store(url)
+    paths = [f"c/{i:03d}.jpg" for i in range(21)]
+    cache = tmp_path / "cache"
+    first = TargetReader(url, cache_dir=cache, cache_bytes=10**9)
+    got, ok = first.fetch(paths)
+    np.testing.assert_array_equal(got["t"].numpy(), v)
+    assert bool(ok["t"].all())
+    entries = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert len(entries) == len({(i // 8, (i % 8) // first._store_()._b._readers["t/target"].chunk_rows)
+                                for i in range(21)})
+    first.close()
+
+    again = TargetReader(url, cache_dir=cache, cache_bytes=10**9)
+    with monkeypatch.context() as m:
+        _no_target_reads(m)
+        got2, ok2 = again.fetch(paths[::-1])
+        np.testing.assert_array_equal(got2["t"].numpy(), v[::-1])
+        assert bool(ok2["t"].all())
+        again.close()
+
+    raw = bytearray(entries[0].read_bytes())
+    raw[10] ^= 0x01
+    entries[0].write_bytes(bytes(raw))
+    third = TargetReader(url, cache_dir=cache, cache_bytes=10**9)
+    got3, _ = third.fetch(paths)
+    np.testing.assert_array_equal(got3["t"].numpy(), v)
+    assert entries[0].read_bytes() != bytes(raw)  # fetched again and stored whole
+    third.close()
+
+
+def test_chunk_cache_never_serves_a_rewritten_shard(s3, tmp_path):
+    """A shard recomputed after it was cached (retry/repair/overwrite) has a new digest: readers get the new
+    values, never the cached old ones."""
+    url = f"s3://{BUCKET}/cache-rewrite.zarr"
+    _cache_store(url)
+    paths = [f"c/{i:03d}.jpg" for i in range(21)]
+    cache = tmp_path / "cache"
+    r = TargetReader(url, cache_dir=cache, cache_bytes=10**9)
+    r.fetch(paths)
+    r.close()
+    new = np.full((8, 4, 512), 7, dtype=np.float16)
+    with EmbeddingStore.open(url, "r+") as s:
+        s.write_shard("t", 1, new, np.full(8, OK, np.uint8), [""] * 8)
+    r2 = TargetReader(url, cache_dir=cache, cache_bytes=10**9)
+    got, _ = r2.fetch(paths[8:16])
+    np.testing.assert_array_equal(got["t"].numpy(), new)
+    r2.close()
+
+
+def test_readahead_on_s3_returns_what_a_plain_read_returns(s3):
+    """TargetReader.prefetch reads in the background; fetch of the same paths takes that result (equal to a
+    plain read), other paths are read directly, and at most readahead + 1 reads are kept."""
+    url = f"s3://{BUCKET}/ahead.zarr"
+    v = _cache_store(url, seed=9)
+    paths = [f"c/{i:03d}.jpg" for i in range(21)]
+    r = TargetReader(url)
+    assert r.is_remote and r.readahead == 2  # the default for object storage
+    batches = [paths[0:5], paths[5:12], paths[12:21], paths[3:9]]
+    for b in batches:
+        assert r.prefetch(b)
+    assert len(r._ahead) == 3  # the oldest was dropped
+    for b in batches:
+        got, ok = r.fetch(b)
+        rows = [paths.index(p) for p in b]
+        np.testing.assert_array_equal(got["t"].numpy(), v[rows])
+        assert bool(ok["t"].all())
+    assert not r._ahead
+    r.close()
+
+
+def test_train_reads_from_s3_with_readahead_and_cache(s3, tmp_path):
+    """Training from S3 with 2 DataLoader workers, read-ahead on (the default there) and a chunk cache: the
+    cache fills, and the run's losses equal a run without read-ahead or cache (same batches, same targets)."""
+    import yaml
+
+    from olatrain import train
+    from olatrain.config import load_run
+
+    url = f"s3://{BUCKET}/train-ahead.zarr"
+    assert _cli("build", *COMMON, "--teachers", "gen", "--shard-size", "4", "--out", url).returncode == 0
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["stages"] = {k: v for k, v in raw["stages"].items() if k == "pt"}
+    cfg = tmp_path / "tiny-pt.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def run(name: str, *extra: str) -> list[float]:
+        sets = [f"data.annotations={EXAMPLES / 'sample.json'}", f"data.image_root={EXAMPLES / 'images'}",
+                f"data.store={url}", f"output_dir={tmp_path / name}", "data.num_workers=2", "data.max_length=1024",
+                "train.batch_size=2", "train.max_steps=4", "train.save_every=0",
+                "loss.weights.depth=0", "loss.weights.seg=0", *extra]
+        train.run(load_run(cfg, sets), log=lambda _m: None, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / name / "pt" / "metrics.jsonl").read_text().splitlines() if x]
+        return [r["loss_gen"] for r in rows]
+
+    cache = tmp_path / "chunks"
+    fast = run("ahead", f"data.store_cache={cache}", "data.store_cache_size=1GB")
+    plain = run("plain", "data.store_readahead=0")
+    assert len(fast) == 4 and fast == plain
+    assert any(p.is_file() for p in cache.rglob("*"))

@@ -44,3 +44,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return str(n)
+
+
+def parse_size(text: str | float | int) -> int:
+    """``"20GB"``, ``"512MiB"``, ``"1.5 TB"``, ``10**9`` -> bytes (decimal and binary suffixes)."""
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10,
+             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "T": 10**12, "G": 10**9, "M": 10**6,
+             "K": 10**3, "B": 1}
+    unit = next((u for u in units if s.endswith(u)), "")
+    num, mult = (s[: -len(unit)], units[unit]) if unit else (s, 1)
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 20GB, 512MiB, 1.5TB)") from None
+    if value <= 0:
+        raise ValueError(f"size must be > 0, got {text!r}")
+    return int(value * mult)

@@ -77,6 +77,8 @@ class Backend(ABC):
     _fast_reads: bool
     _readers: dict[str, Any]
     _pool: ReadPool
+    # optional local cache of object-storage chunks (olacache.store.chunk_cache); local stores ignore it
+    chunk_cache: Any = None
 
     def read_rows_into(
         self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False

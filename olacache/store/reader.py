@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from olacache.inputs.keys import normalize_image_path
+from olacache.store.chunk_cache import ChunkCache
 from olacache.store.format import DEFAULT_READ_THREADS, OK, StoreError
 from olacache.store.pread import aligned_empty
 from olacache.store.store import EmbeddingStore
@@ -31,6 +35,11 @@ class TargetReader:
     after a fork) so it is safe inside DataLoader workers: zarr's event-loop thread and h5py handles do not
     survive fork, and handles must not be pickled. Status is snapshotted per process at open: a row counts as
     available iff its status was OK then (for a finished store that is the store).
+
+    Object storage (``s3://`` ...): ``readahead`` batches can be read in the background (``prefetch``) while the
+    caller does other work, so the network round trips of the next batches overlap this one's; default 2 for
+    a remote store, 0 (off) for a local one, whose reads take milliseconds. ``cache_dir`` keeps the chunks read
+    from a remote store on local disk too (at most ``cache_bytes``; olacache.store.chunk_cache).
     """
 
     def __init__(
@@ -39,14 +48,23 @@ class TargetReader:
         teachers: Sequence[str] | None = None,
         *,
         read_threads: int = DEFAULT_READ_THREADS,
+        readahead: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int = 50 * 10**9,
     ) -> None:
         self.url = url
         self.read_threads = read_threads
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.cache_bytes = int(cache_bytes)
+        if readahead is not None and readahead < 0:
+            raise StoreError(f"readahead must be >= 0 batches, got {readahead}")
         self._requested = None if teachers is None else list(teachers)
         self._reset()
         # Validate the teacher names now, in the constructing process, so a typo fails before any worker
         # starts. The handles this opens are dropped on fork/pickle.
         store = self._store_()
+        self.is_remote = store.is_remote
+        self.readahead = (2 if self.is_remote else 0) if readahead is None else int(readahead)
         available = store.teachers
         if self._requested is None:
             self._teachers = available
@@ -66,10 +84,17 @@ class TargetReader:
         self._ok: dict[str, np.ndarray] = {}
         self._checked_at = 0.0
         self._reported: set[tuple[str, int]] = set()
+        # read-ahead: batch (its paths) -> the background read of it; threads do not survive a fork
+        self._ahead: OrderedDict[tuple[str | None, ...], Future[Any]] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self.readahead_stats = {"started": 0, "used": 0, "direct": 0}  # this process's reads, by kind
+        # local backends' raw readers were not written for concurrent use: their reads take turns
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_store", "_row_of", "_ok", "_checked_at", "_reported"):
+        for k in ("_pid", "_store", "_row_of", "_ok", "_checked_at", "_reported", "_ahead", "_pool", "_lock",
+                  "readahead_stats"):
             state.pop(k, None)
         return state
 
@@ -85,12 +110,15 @@ class TargetReader:
                 # parent's threads); park it so it is not garbage-collected either.
                 _ABANDONED.append(self._store)
             self._reset()
-            self._store = EmbeddingStore.open(self.url, "r", read_threads=self.read_threads)
+            cache = None if self.cache_dir is None else ChunkCache(self.cache_dir, self.cache_bytes)
+            self._store = EmbeddingStore.open(self.url, "r", read_threads=self.read_threads, chunk_cache=cache)
             self._pid = pid
         return self._store
 
     def close(self) -> None:
         if self._store is not None and self._pid == os.getpid():
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._store.close()
         self._reset()
 
@@ -161,10 +189,45 @@ class TargetReader:
                     f"{self._generations.get(t)} -> {gen}); restart the run on the new targets"
                 )
 
+    def prefetch(self, paths: Sequence[str | None]) -> bool:
+        """Start reading the targets of a batch that ``fetch`` will be asked for later (same paths, same order)
+        in a background thread; at most ``readahead + 1`` such reads are kept (the batch being made now and
+        the next ``readahead``). -> whether a read was started.
+        A prefetched batch that is never fetched is dropped (a wrong guess costs bandwidth, never results)."""
+        if self.readahead <= 0:
+            return False
+        key = tuple(paths)
+        self._store_()  # (re)open here, in the calling thread, after a fork
+        if key in self._ahead:
+            return False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.readahead + 1, thread_name_prefix="olacache-readahead")
+        self._ahead[key] = self._pool.submit(self._read, list(paths))
+        self.readahead_stats["started"] += 1
+        while len(self._ahead) > self.readahead + 1:
+            self._ahead.popitem(last=False)[1].cancel()
+        return True
+
     def fetch(self, paths: Sequence[str | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One batched read. -> (targets[teacher] float16 (B, *shape), zeros where unavailable;
         ok[teacher] bool (B,) = the path is in the store, its status is OK and its stored bytes passed their
-        checksum; damaged rows count as failed targets and are logged once per shard)."""
+        checksum; damaged rows count as failed targets and are logged once per shard). Taken from a
+        ``prefetch`` of the same paths when there is one (its errors are raised here)."""
+        self._store_()
+        ahead = self._ahead.pop(tuple(paths), None)
+        if ahead is not None:
+            self.readahead_stats["used"] += 1
+            return ahead.result()
+        self.readahead_stats["direct"] += 1
+        return self._read(paths)
+
+    def _read(self, paths: Sequence[str | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if self.is_remote:  # the remote reader is safe to use from several threads at once
+            return self._read_now(paths)
+        with self._lock:
+            return self._read_now(paths)
+
+    def _read_now(self, paths: Sequence[str | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         import torch
 
         store = self._store_()

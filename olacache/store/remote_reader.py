@@ -12,12 +12,14 @@ the local fast path (bad rows zeroed and reported, a missing shard of complete r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from olacache.store.chunk_cache import ChunkCache
 from olacache.store.local_reader import _MAX_U64, _crc32c, _readonly, sharded_layout
 
 _MAX_RANGE = 16 << 20  # coalesce adjacent chunks up to this many bytes per request
@@ -25,7 +27,8 @@ _MISSING, _CORRUPT = "missing", "corrupt"
 
 
 class RemoteShardedReader:
-    def __init__(self, fs: Any, root: str, arr: zarr.Array, layout: tuple[int, int, bool, bool]) -> None:
+    def __init__(self, fs: Any, root: str, arr: zarr.Array, layout: tuple[int, int, bool, bool],
+                 cache: ChunkCache | None = None, identity: Callable[[], Any] | None = None) -> None:
         self._fs, self._root, self._meta, self._ndim = fs, root.rstrip("/"), arr.metadata, arr.ndim
         self._path = arr.path
         self.shard_rows, self.chunk_rows, self._index_at_end, self._crc = layout
@@ -37,17 +40,45 @@ class RemoteShardedReader:
         # shard -> index (n_inner, 2) | _MISSING | _CORRUPT; kept for the process (complete shards do not change
         # under a reader; one that is repaired meanwhile fails its crc32c and its rows count as failed)
         self._index: dict[int, Any] = {}
+        # optional local chunk cache (olacache.store.chunk_cache): only chunks that carry a crc32c, keyed by the
+        # column generation + shard digest that ``identity()`` returns (None: this array is not cacheable)
+        self._cache = cache if self._crc else None
+        self._identity = identity
+        self._ident: Any = None
 
     @classmethod
-    def for_array(cls, arr: zarr.Array, store: Any) -> RemoteShardedReader | None:
+    def for_array(cls, arr: zarr.Array, store: Any, cache: ChunkCache | None = None,
+                  identity: Callable[[], Any] | None = None) -> RemoteShardedReader | None:
         fs = getattr(store, "fs", None)
         lay = sharded_layout(arr)
         if lay is None or fs is None or not getattr(fs, "async_impl", False) or not lay[2]:
             return None
-        return cls(fs, store.path, arr, lay)
+        return cls(fs, store.path, arr, lay, cache, identity)
 
     def _key(self, shard: int) -> str:
         return f"{self._root}/{self._path}/{self._meta.encode_chunk_key((shard,) + (0,) * (self._ndim - 1))}"
+
+    def _cache_key(self, shard: int, chunk: int) -> str | None:
+        """The chunk's cache entry name, or None when it cannot be named (no digest for the shard)."""
+        if self._cache is None:
+            return None
+        if self._ident is None:
+            self._ident = (self._identity() if self._identity is not None else None) or False
+        if self._ident is False:
+            return None
+        generation, digests = self._ident
+        if shard >= len(digests):
+            return None
+        return self._cache.key(f"{self._root}", self._path, generation, shard, int(digests[shard]), chunk)
+
+    def _checked(self, chunk_bytes: np.ndarray) -> np.ndarray | None:
+        """The chunk's body if its crc32c matches (or it carries none), else None."""
+        if len(chunk_bytes) != self._chunk_nbytes:
+            return None
+        if not self._crc:
+            return chunk_bytes
+        body, stored = chunk_bytes[:-4], chunk_bytes[-4:].tobytes()
+        return body if np.uint32(_crc32c(_readonly(body))).tobytes() == stored else None
 
     async def _fetch_index(self, shard: int) -> Any:
         try:
@@ -65,8 +96,28 @@ class RemoteShardedReader:
 
     def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, pool: Any,
                   must_exist: bool = False) -> np.ndarray:
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
         shard_of = rows // self.shard_rows
-        todo = [int(s) for s in np.unique(shard_of) if int(s) not in self._index]
+        chunk_of = (rows - shard_of * self.shard_rows) // self.chunk_rows
+        # (shard, chunk) -> (rows within the chunk, their slots in out), in row order
+        wanted: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        gid = shard_of * self._n_inner + chunk_of
+        for g in np.unique(gid).tolist():
+            sel = gid == g
+            wanted[divmod(int(g), self._n_inner)] = (rows[sel] % self.chunk_rows, dest[sel])
+        if self._cache is not None:
+            for (s, k), (in_chunk, d) in list(wanted.items()):
+                key = self._cache_key(s, k)
+                blob = None if key is None else self._cache.get(key)
+                if blob is None:
+                    continue
+                body = self._checked(np.frombuffer(blob, dtype=np.uint8))
+                if body is None:  # a damaged entry: forget it and fetch the chunk again
+                    self._cache.drop(key)
+                    continue
+                flat[d] = body.reshape(self.chunk_rows, self.row_nbytes)[in_chunk]
+                del wanted[(s, k)]
+        todo = sorted({s for s, _k in wanted if s not in self._index})
         if todo:
             async def _indexes() -> list[Any]:
                 return await asyncio.gather(*(self._fetch_index(s) for s in todo))
@@ -74,60 +125,40 @@ class RemoteShardedReader:
             for s, idx in zip(todo, sync(_indexes()), strict=True):
                 self._index[s] = idx
         bad: list[int] = []
-        # (key, start, end, [(chunk offset within the range, first global row of chunk, rows, out slots)])
-        ranges: list[tuple[str, int, int, list[tuple[int, int, np.ndarray, np.ndarray]]]] = []
-        for s in np.unique(shard_of).tolist():
-            sel = shard_of == s
-            r, d = rows[sel], dest[sel]
+        # (key, start, end, [(chunk offset within the range, shard, chunk, rows in chunk, out slots)])
+        ranges: list[tuple[str, int, int, list[tuple[int, int, int, np.ndarray, np.ndarray]]]] = []
+        for (s, k), (in_chunk, d) in wanted.items():
             idx = self._index[s]
-            if isinstance(idx, str):
-                if idx == _CORRUPT or (must_exist and self._crc):
-                    bad += r.tolist()
+            g0 = s * self.shard_rows + k * self.chunk_rows
+            off = -1 if isinstance(idx, str) else int(idx[k, 0])
+            if isinstance(idx, str) or off == int(_MAX_U64):
+                if (isinstance(idx, str) and idx == _CORRUPT) or (must_exist and self._crc):
+                    bad += (g0 + in_chunk).tolist()
                     out[d] = 0
                 else:
                     out[d] = self._fill
                 continue
-            local = r - s * self.shard_rows
-            chunk = local // self.chunk_rows
-            for k in np.unique(chunk).tolist():
-                csel = chunk == k
-                off, _n = int(idx[k, 0]), int(idx[k, 1])
-                g0 = s * self.shard_rows + k * self.chunk_rows
-                item = (0, g0, local[csel] % self.chunk_rows, d[csel])
-                if off == int(_MAX_U64):
-                    if must_exist and self._crc:
-                        bad += r[csel].tolist()
-                        out[d[csel]] = 0
-                    else:
-                        out[d[csel]] = self._fill
-                    continue
-                key = self._key(s)
-                last = ranges[-1] if ranges else None
-                grow = last is not None and last[0] == key and last[2] == off
-                if grow and last[2] - last[1] + self._chunk_nbytes <= _MAX_RANGE:
-                    ranges[-1] = (key, last[1], off + self._chunk_nbytes,
-                                  [*last[3], (off - last[1], *item[1:])])
-                else:
-                    ranges.append((key, off, off + self._chunk_nbytes, [item]))
+            key = self._key(s)
+            last = ranges[-1] if ranges else None
+            if (last is not None and last[0] == key and last[2] == off
+                    and last[2] - last[1] + self._chunk_nbytes <= _MAX_RANGE):
+                ranges[-1] = (key, last[1], off + self._chunk_nbytes, [*last[3], (off - last[1], s, k, in_chunk, d)])
+            else:
+                ranges.append((key, off, off + self._chunk_nbytes, [(0, s, k, in_chunk, d)]))
         if ranges:
             blobs = sync(self._fs._cat_ranges([x[0] for x in ranges], [x[1] for x in ranges],
                                               [x[2] for x in ranges], on_error="return"))
-            flat = out.reshape(out.shape[0], -1).view(np.uint8)
-            for (_key, start, end, items), blob in zip(ranges, blobs, strict=True):
+            for (_key, _start, _end, items), blob in zip(ranges, blobs, strict=True):
                 buf = None if isinstance(blob, BaseException) else np.frombuffer(blob, dtype=np.uint8)
-                for rel, g0, in_chunk, d in items:
-                    ok = buf is not None and len(buf) >= rel + self._chunk_nbytes
-                    if ok:
-                        chunk_bytes = buf[rel : rel + self._chunk_nbytes]
-                        if self._crc:
-                            body, stored = chunk_bytes[:-4], chunk_bytes[-4:].tobytes()
-                            ok = np.uint32(_crc32c(_readonly(body))).tobytes() == stored
-                        else:
-                            body = chunk_bytes
-                    if not ok:
-                        bad += (g0 + in_chunk).tolist()
+                for rel, s, k, in_chunk, d in items:
+                    chunk_bytes = None if buf is None else buf[rel : rel + self._chunk_nbytes]
+                    body = None if chunk_bytes is None else self._checked(chunk_bytes)
+                    if body is None:
+                        bad += (s * self.shard_rows + k * self.chunk_rows + in_chunk).tolist()
                         out[d] = 0
                         continue
                     flat[d] = body.reshape(self.chunk_rows, self.row_nbytes)[in_chunk]
-                del start, end
+                    ckey = self._cache_key(s, k)
+                    if ckey is not None:
+                        self._cache.put(ckey, chunk_bytes.data)
         return np.asarray(sorted(bad), dtype=np.int64)

@@ -20,6 +20,7 @@ import numpy as np
 from olacache.inputs.keys import image_set_fingerprint, normalize_image_path
 from olacache.store.backend import Backend
 from olacache.store.checks import check_new_paths, check_teacher_args
+from olacache.store.chunk_cache import ChunkCache
 from olacache.store.format import (
     DEFAULT_READ_THREADS,
     DIGEST,
@@ -95,6 +96,8 @@ class EmbeddingStore:
         self._digests: dict[str, np.ndarray] = {}
         # column -> shards whose status chunk could not be decoded at the last status() call
         self.damaged_status: dict[str, list[int]] = {}
+        # object storage (s3://, gs://, ...) rather than a local path: reads are network round trips
+        self.is_remote: bool = resolve_url(url)[1] is None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,12 +153,14 @@ class EmbeddingStore:
         *,
         fast_reads: bool = True,
         read_threads: int = DEFAULT_READ_THREADS,
+        chunk_cache: ChunkCache | None = None,
     ) -> EmbeddingStore:
         """Open an existing store; format auto-detected (HDF5 file vs zarr group).
 
         ``fast_reads=False`` forces every read through the zarr/h5py APIs (the local byte-range fast path is
         checked against them in the tests and the benchmark). ``read_threads`` > 1 keeps that many reads of a
-        batch in flight at once (local fast path only)."""
+        batch in flight at once (local fast path only). ``chunk_cache``: keep the target chunks read from an
+        object-storage store on local disk too (olacache.store.chunk_cache; ignored for local stores)."""
         if mode not in ("r", "r+"):
             raise StoreError(f"{url}: mode must be 'r' or 'r+', got {mode!r}")
         disp, local = resolve_url(url)
@@ -176,6 +181,8 @@ class EmbeddingStore:
             from olacache.store.zarr_backend import ZarrBackend
 
             backend = ZarrBackend.open(disp, local, mode, fast_reads=fast_reads, read_threads=read_threads)
+            if local is None:
+                backend.chunk_cache = chunk_cache
         try:
             return cls(backend, disp, _mode=mode)
         except Exception:

@@ -29,7 +29,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from olacache.store.backend import Backend
-from olacache.store.format import INDEX_PATH, StoreError
+from olacache.store.format import DIGEST, INDEX_PATH, StoreError
 from olacache.store.local_reader import LocalShardedReader, inner_crc, is_checksum_error
 from olacache.store.pread import ReadPool, contiguous_runs
 from olacache.store.strings import ERROR_BYTES, decode_concat, decode_fixed, encode_concat, encode_fixed
@@ -293,8 +293,18 @@ class ZarrBackend(Backend):
             # object storage: cached shard indexes + one gather of coalesced byte ranges per batch
             from olacache.store.remote_reader import RemoteShardedReader
 
-            return RemoteShardedReader.for_array(self._arr(path), self._g.store)
+            column = path.split("/")[0]
+            return RemoteShardedReader.for_array(self._arr(path), self._g.store, self.chunk_cache,
+                                                 lambda: self._shard_identity(column))
         return LocalShardedReader.for_array(self._arr(path), self._local, self.url)
+
+    def _shard_identity(self, column: str) -> tuple[Any, np.ndarray] | None:
+        """(column generation id, per-shard digests): what names a chunk's content in a chunk cache; None for
+        a column without digests (format 1), which is then read without the cache."""
+        if not self.has_array(f"{column}/{DIGEST}"):
+            return None
+        generation = self.column_attrs(column).get("generation")
+        return generation, np.asarray(self._arr(f"{column}/{DIGEST}")[:], dtype=np.int64)
 
     def _library_read_into(
         self, path: str, rows: np.ndarray, out: np.ndarray, dest: np.ndarray, must_exist: bool = False

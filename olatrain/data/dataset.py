@@ -160,6 +160,7 @@ class ConversationDataset(Dataset):
         self._active = np.arange(len(samples), dtype=np.int64)
         del samples, key_of, raw_of
         self._pixel_shape = self._probe_pixel_shape()
+        self._plan: Any = None  # the batch sampler, for store read-ahead (set_batch_plan)
 
     # ------------------------------------------------------------------ index space
 
@@ -218,7 +219,33 @@ class ConversationDataset(Dataset):
             failed.error = str(e)
             return failed
 
+    def set_batch_plan(self, plan: Any) -> None:
+        """The batch sampler (``plan.indices(step)`` -> that step's sample indices), so a worker can start the
+        store reads of the batches it will make next (``data.store_readahead``)."""
+        self._plan = plan
+
+    def _read_ahead(self, indices: Sequence[int]) -> None:
+        """Start the store reads of this batch and of the next ``reader.readahead`` batches THIS process will
+        make, in the background (TargetReader.prefetch): on object storage each read is network round trips,
+        which then overlap the image decoding and the batches before. DataLoader workers take batches in
+        turn (torch's round robin), so the worker making step s makes s + W next (W workers; W = 1 without
+        workers). A wrong guess (a replaced image, another order) only costs a read: ``fetch`` matches by
+        the batch's exact paths."""
+        plan, step = getattr(self, "_plan", None), getattr(indices, "step", None)
+        depth = int(getattr(self.reader, "readahead", 0) or 0)
+        if plan is None or step is None or depth <= 0 or not self.teachers:
+            return
+        info = get_worker_info()
+        w = 1 if info is None else info.num_workers
+        for k in range(depth + 1):
+            batch = indices if k == 0 else plan.indices(step + k * w)
+            paths = sorted({p for p in (self.image_key(int(i)) for i in batch) if p is not None})
+            if paths:
+                self.reader.prefetch(paths)
+
     def _batch(self, indices: Sequence[int]) -> _Items:
+        if self.reader is not None:
+            self._read_ahead(indices)
         items = _Items()
         items.skipped = []
         for i in indices:

@@ -142,6 +142,7 @@ def build_dataloader(
         len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
         start_step=start_step, drop_last=drop_last,
     )
+    dataset.set_batch_plan(sampler)  # store read-ahead (ConversationDataset._read_ahead)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         ctx = multiprocessing_context
