@@ -162,6 +162,37 @@ def child_loader(cfg_path: str, sets: list[str], out: str, step_ms: float, steps
     print(json.dumps({"waits": waits}))
 
 
+def run_fetch_probe(url: str, endpoint: str, n: int, batch: int, teachers: list[str] | None) -> dict[str, float]:
+    """TargetReader open + direct fetches (read-ahead 0) of random batches, in a subprocess (its own s3fs
+    instance: fsspec caches one per set of arguments, and the endpoint comes from the environment)."""
+    args = [sys.executable, __file__, "--child-fetch", url, "--child-steps", str(n), "--batch", str(batch)]
+    if teachers:
+        args += ["--child-teachers", ",".join(teachers)]
+    res = subprocess.run(args, env=_env(endpoint), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"fetch child failed ({res.returncode}): {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def child_fetch(url: str, n: int, batch: int, teachers: str | None) -> None:
+    from olacache.store import TargetReader
+
+    t0 = time.perf_counter()
+    r = TargetReader(url, teachers.split(",") if teachers else None, readahead=0)
+    paths = r.image_paths
+    r.fetch(paths[:batch])
+    t_open = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    ts = []
+    for _ in range(n):
+        pick = [paths[i] for i in rng.choice(len(paths), batch, replace=False)]
+        t0 = time.perf_counter()
+        r.fetch(pick)
+        ts.append(time.perf_counter() - t0)
+    ts = ts[n // 4:]  # every shard index read once by then, mostly
+    print(json.dumps({"open_s": t_open, "fetch_ms": statistics.median(ts) * 1e3, "fetch_min_ms": min(ts) * 1e3}))
+
+
 # ----------------------------------------------------------------------------------------------- proxy check
 _KEEP: list[Any] = []  # s3fs instances live to the end (closing them from a finalizer warns about loops)
 
@@ -208,26 +239,32 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=14, help="trainer steps per case (warm-up included)")
+    ap.add_argument("--steps", type=int, default=12, help="trainer steps per case (warm-up included)")
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--gpu-step-ms", type=float, nargs="+", default=[250.0, 100.0])
+    ap.add_argument("--gpu-step-ms", type=float, nargs="+", default=[250.0, 150.0, 100.0])
     ap.add_argument("--loader-steps", type=int, default=40)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cache-images", type=int, default=64, help="images in the two-epoch cache runs")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["proxy", "trainer", "loader", "cache"])
+    ap.add_argument("--cache-images", type=int, default=0, help="images in the two-epoch cache runs (0: all)")
+    ap.add_argument("--cache-step-ms", type=float, default=150.0, help="the sleep step of the cache runs")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["proxy", "fetch", "trainer", "loader", "cache"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=str, default=None, help="default: a temp dir, removed at the end")
     ap.add_argument("--child-loader", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-steps", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child-fetch", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-teachers", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child_fetch:
+        child_fetch(a.child_fetch, a.child_steps, a.batch, a.child_teachers)
+        return
     if a.child_loader:
         child_loader(a.child_loader, a.set, a.child_out, a.gpu_step_ms[0], a.child_steps)
         return
     if a.quick:
-        a.n_images, a.steps, a.warmup, a.loader_steps, a.repeats = 96, 8, 3, 24, 1
+        a.n_images, a.steps, a.warmup, a.loader_steps, a.repeats, a.gpu_step_ms = 96, 8, 3, 24, 1, [150.0]
     with contextlib.ExitStack() as stack:
         if a.workdir:
             tmp = Path(a.workdir)
@@ -260,7 +297,8 @@ def bench(a: argparse.Namespace, tmp: Path) -> None:
             proxied = f"http://127.0.0.1:{pport}"
             if "proxy" not in a.skip:
                 c = check_proxy(direct, proxied, a.rtt_ms)
-                print(f"\n## latency proxy, +{a.rtt_ms:.0f} ms RTT asked (ranged GETs through s3fs: median of 30 x 1 KB, of 3 x 64 MB)")
+                print(f"\n## latency proxy, +{a.rtt_ms:.0f} ms RTT asked (ranged GETs through s3fs: median of "
+                      "30 x 1 KB, of 3 x 64 MB)")
                 print("| | direct | through the proxy | difference / ratio |\n|---|---:|---:|---:|")
                 print(f"| 1 KB GET, ms | {c['small_direct_ms']:.1f} | {c['small_proxy_ms']:.1f} | "
                       f"+{c['small_proxy_ms'] - c['small_direct_ms']:.1f} ms |")
@@ -273,6 +311,8 @@ def bench(a: argparse.Namespace, tmp: Path) -> None:
             w_s3 = write_store(s3, keys, a.shard_size)
             print(f"\nstore: {a.n_images} images x {mb:.2f} MB (depth (576,1024) + seg (576,1536) + gen (1,1024) "
                   f"fp16), shard {a.shard_size}; written in {w_local:.1f} s local, {w_s3:.1f} s to S3")
+            if "fetch" not in a.skip:
+                fetch_section(a, s3, direct, proxied)
             cases: list[tuple[str, str, str | None, list[str]]] = [("local disk", local, None, [])]
             for label, ep in (("S3 loopback", direct), (f"S3 +{a.rtt_ms:.0f} ms RTT", proxied)):
                 if readahead:
@@ -310,6 +350,20 @@ def bench(a: argparse.Namespace, tmp: Path) -> None:
     print(f"\nload average at end {os.getloadavg()}")
 
 
+def fetch_section(a: argparse.Namespace, s3: str, direct: str, proxied: str) -> None:
+    """How many sequential round trips a TargetReader open and a batch fetch cost: direct vs +RTT."""
+    print(f"\n## TargetReader on S3, read-ahead 0, batch {a.batch}: direct vs +{a.rtt_ms:.0f} ms RTT "
+          "(open = construct + first fetch; fetch = median of the last 30 of 40 random batches)")
+    print("| teachers | open s direct | open s +RTT | fetch ms direct | fetch ms +RTT | added / RTT |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for teachers in (None, ["depth"], ["gen"]):
+        d = run_fetch_probe(s3, direct, 40, a.batch, teachers)
+        p = run_fetch_probe(s3, proxied, 40, a.batch, teachers)
+        print(f"| {','.join(teachers) if teachers else 'all 3'} | {d['open_s']:.2f} | {p['open_s']:.2f} | "
+              f"{d['fetch_ms']:.0f} | {p['fetch_ms']:.0f} | {(p['fetch_ms'] - d['fetch_ms']) / a.rtt_ms:.1f} |",
+              flush=True)
+
+
 def loader_section(a: argparse.Namespace, tmp: Path, cfg: Path, base_sets: list[str],
                    cases: list[tuple[str, str, str | None, list[str]]], step_ms: float, n_run: int) -> None:
     """Every case through the trainer's DataLoader with a ``step_ms`` sleep as the step, interleaved."""
@@ -335,12 +389,12 @@ def loader_section(a: argparse.Namespace, tmp: Path, cfg: Path, base_sets: list[
 def cache_epochs(a: argparse.Namespace, tmp: Path, cfg: Path, base_sets: list[str], keys: list[str], s3: str,
                  proxied: str, readahead: bool) -> None:
     """Two epochs over ``--cache-images`` images from S3 behind the proxy, with and without data.store_cache;
-    the wait fraction of each epoch under the fixed-sleep step (the shortest of --gpu-step-ms)."""
-    step_ms = min(a.gpu_step_ms)
-    sub = json.loads(Path(base_sets[0].split("=", 1)[1]).read_text())[:a.cache_images]
-    ann = tmp / f"ann-cache{a.cache_images}.json"
+    the wait fraction of each epoch under the fixed-sleep step (``--cache-step-ms``)."""
+    step_ms = a.cache_step_ms
+    sub = json.loads(Path(base_sets[0].split("=", 1)[1]).read_text())[:a.cache_images or None]
+    ann = tmp / f"ann-cache{len(sub)}.json"
     ann.write_text(json.dumps(sub))
-    per_epoch = a.cache_images // a.batch
+    per_epoch = len(sub) // a.batch
     sets0 = [f"data.annotations={ann}", *base_sets[1:], f"data.store={s3}", "train.max_steps=100000"]
     variants = [("no cache", [])]
     variants.append(("data.store_cache", ["data.store_cache={dir}"]))
@@ -363,7 +417,7 @@ def cache_epochs(a: argparse.Namespace, tmp: Path, cfg: Path, base_sets: list[st
                 res.setdefault(label, []).append((fr[0], fr[1]))
                 print(f"  cache rep {rep} {label}: epoch wait fractions {fr} (load {os.getloadavg()[0]:.1f})",
                       flush=True)
-    print(f"\n## two epochs of {a.cache_images} images from S3 +{a.rtt_ms:.0f} ms RTT, {step_ms:.0f} ms sleep "
+    print(f"\n## two epochs of {len(sub)} images from S3 +{a.rtt_ms:.0f} ms RTT, {step_ms:.0f} ms sleep "
           f"as the step (epoch 1 without its first 2 batches)")
     print("| | epoch 1 data wait | epoch 2 data wait |\n|---|---:|---:|")
     for label, v in res.items():

@@ -10,6 +10,8 @@ delayed link would have made the client wait.
     python bench/latency_proxy.py --target 127.0.0.1:8333 --rtt-ms 20      # prints "listening on PORT"
 
 or in-process: ``with delay_proxy("127.0.0.1", 8333, rtt_ms=20) as port: ...`` (a background thread).
+``python bench/latency_proxy.py --rtt-ms 20 --measure`` checks it against a loopback test server: the round
+trip it adds and its throughput, vs the same server direct.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ CHUNK = 1 << 20
 
 
 async def _pump(reader: asyncio.StreamReader, queue: asyncio.Queue, not_before: float = 0.0) -> None:
-    """Read chunks as they arrive and stamp them (no earlier than ``not_before``); None marks end of stream."""
+    """Read chunks as they arrive and stamp them (no earlier than ``not_before``); None ends the stream."""
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -85,7 +87,8 @@ class DelayProxy:
         to_server: asyncio.Queue = asyncio.Queue()
         to_client: asyncio.Queue = asyncio.Queue()
         try:
-            await asyncio.gather(_pump(c_reader, to_server, not_before), _deliver(to_server, s_writer, self.one_way),
+            await asyncio.gather(_pump(c_reader, to_server, not_before),
+                                 _deliver(to_server, s_writer, self.one_way),
                                  _pump(s_reader, to_client), _deliver(to_client, c_writer, self.one_way))
         finally:
             for w in (c_writer, s_writer):
@@ -150,12 +153,77 @@ def delay_proxy_process(host: str, port: int, rtt_ms: float) -> Iterator[int]:
             proc.wait()
 
 
+def _serve_test(n_bulk: int) -> int:
+    """A loopback server for ``measure``: echoes 1-byte pings; b"B" asks for n_bulk bytes. -> its port."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def conn(c: socket.socket) -> None:
+        block = b"\0" * (1 << 20)
+        with c:
+            while data := c.recv(1):
+                if data == b"B":
+                    for i in range(0, n_bulk, len(block)):
+                        c.sendall(block[:n_bulk - i])
+                else:
+                    c.sendall(data)
+
+    def accept() -> None:
+        while True:
+            threading.Thread(target=conn, args=(srv.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def measure(rtt_ms: float, n_bulk: int = 512 << 20, pings: int = 30) -> None:
+    """Check the proxy without any S3: median and min round trip of 1-byte pings on one connection, and MB/s
+    of one bulk transfer, direct vs through the proxy (a child process, as the benchmarks run it)."""
+    import socket
+    import statistics
+
+    port = _serve_test(n_bulk)
+
+    def probe(p: int) -> tuple[float, float, float]:
+        with socket.create_connection(("127.0.0.1", p)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"x")
+            s.recv(1)
+            ts = []
+            for _ in range(pings):
+                t0 = time.perf_counter()
+                s.sendall(b"p")
+                s.recv(1)
+                ts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.sendall(b"B")
+            got = 0
+            while got < n_bulk:
+                got += len(s.recv(1 << 20))
+            return statistics.median(ts) * 1e3, min(ts) * 1e3, got / 1e6 / (time.perf_counter() - t0)
+
+    with delay_proxy_process("127.0.0.1", port, rtt_ms) as pport:
+        d, p = probe(port), probe(pport)
+    print(f"+{rtt_ms:g} ms RTT asked; 1-byte ping round trip median (min), ms: direct {d[0]:.2f} ({d[1]:.2f}), "
+          f"proxy {p[0]:.2f} ({p[1]:.2f}), added {p[0] - d[0]:.2f} ({p[1] - d[1]:.2f}); "
+          f"{n_bulk >> 20} MB transfer: direct {d[2]:,.0f} MB/s, proxy {p[2]:,.0f} MB/s ({p[2] / d[2]:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, help="HOST:PORT to forward to")
+    ap.add_argument("--target", help="HOST:PORT to forward to")
     ap.add_argument("--rtt-ms", type=float, required=True, help="round-trip time to add, milliseconds")
     ap.add_argument("--port", type=int, default=0, help="port to listen on (default: any free one)")
+    ap.add_argument("--measure", action="store_true", help="measure the proxy against a loopback test server")
     a = ap.parse_args()
+    if a.measure:
+        measure(a.rtt_ms)
+        return
+    if not a.target:
+        ap.error("--target HOST:PORT is required (or --measure)")
     host, _, port = a.target.rpartition(":")
     t0 = time.time()
     try:
