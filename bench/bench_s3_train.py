@@ -1,13 +1,13 @@
 """Training data wait with the store on object storage, measured side by side in one run:
 
-0. the latency proxy (bench/latency_proxy.py, the stand-in for netem; see bench/README.md): the round trip it
-   adds to small S3 GETs and what it leaves of bulk GET throughput, both vs the same server direct;
+0. the latency proxy (bench/latency_proxy.py, the stand-in for netem; see bench/README.md): the round trip
+   it adds to small S3 GETs and what it leaves of bulk GET throughput, both vs the same server direct;
 1. the real trainer (``python -m olatrain run``, tiny presets, PT, 2 DataLoader workers) reading a store with
    real-size targets (depth (576, 1024), seg (576, 1536), gen (1, 1024) fp16: 2.95 MB per image) from
    (a) local disk, (b) S3 on loopback (SeaweedFS ``weed mini``), (c) the same S3 behind +RTT of latency;
    per case the mean ``data_wait`` (loader wait / step time, from metrics.jsonl) and samples/s, warm-up steps
    left out;
-2. the same loader with the model's compute replaced by a fixed sleep (``--gpu-step-ms``, default 250 ms):
+2. the same loader with the model's compute replaced by a fixed sleep (``--gpu-step-ms``, 250/150/100 ms):
    the trainer's own ``prepare_stage`` builds the DataLoader (same dataset, store reader, workers) and the loop
    sleeps where the GPU step would run. On this CPU-only box the real step takes seconds and hides any read;
    the sleep stands for a step that leaves the CPU free (a GPU step), where the reads show;
@@ -16,8 +16,10 @@
 Where the code has ``data.store_readahead``, every S3 case runs with ``data.store_readahead=0`` and with the
 default; without it, the runs are what the code does (no read-ahead) and the table says so.
 
-    .venv/bin/python bench/bench_s3_train.py                          # ~15 min on the 2-vCPU dev VM
-    .venv/bin/python bench/bench_s3_train.py --quick                  # ~4 min: fewer images, steps, no repeat
+4. how many sequential round trips a TargetReader open and a batch fetch cost at +RTT (read-ahead 0).
+
+    .venv/bin/python bench/bench_s3_train.py            # 22-26 min on the 2-vCPU dev VM at load 2-6
+    .venv/bin/python bench/bench_s3_train.py --quick    # a smoke test: fewer images, steps and rounds
 """
 
 from __future__ import annotations
@@ -248,6 +250,8 @@ def main() -> None:
     ap.add_argument("--cache-images", type=int, default=0, help="images in the two-epoch cache runs (0: all)")
     ap.add_argument("--cache-step-ms", type=float, default=150.0, help="the sleep step of the cache runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=["proxy", "fetch", "trainer", "loader", "cache"])
+    ap.add_argument("--readahead", nargs="+", default=["0", "default"],
+                    help="data.store_readahead values of the S3 cases (batches per worker, or 'default')")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=str, default=None, help="default: a temp dir, removed at the end")
     ap.add_argument("--child-loader", type=str, default=None, help=argparse.SUPPRESS)
@@ -316,8 +320,9 @@ def bench(a: argparse.Namespace, tmp: Path) -> None:
             cases: list[tuple[str, str, str | None, list[str]]] = [("local disk", local, None, [])]
             for label, ep in (("S3 loopback", direct), (f"S3 +{a.rtt_ms:.0f} ms RTT", proxied)):
                 if readahead:
-                    cases.append((f"{label}, read-ahead 0", s3, ep, ["data.store_readahead=0"]))
-                    cases.append((f"{label}, read-ahead default", s3, ep, []))
+                    for ra in a.readahead:
+                        cases.append((f"{label}, read-ahead {ra}", s3, ep,
+                                      [] if ra == "default" else [f"data.store_readahead={int(ra)}"]))
                 else:
                     cases.append((f"{label} (code without read-ahead)", s3, ep, []))
             n_run = 0
