@@ -152,7 +152,9 @@ class Hdf5Backend(Backend):
         path.parent.mkdir(parents=True, exist_ok=True)
         f = _open_file(url, path, "w-")
         n = len(paths)
-        ds = f.create_dataset(INDEX_PATH, shape=(n,), dtype=_STR, chunks=(min(n, _INDEX_CHUNK_ROWS),))
+        # maxshape None along rows: the store can be extended later (--extend resizes every dataset)
+        ds = f.create_dataset(INDEX_PATH, shape=(n,), dtype=_STR, chunks=(max(1, min(n, _INDEX_CHUNK_ROWS)),),
+                              maxshape=(None,))
         ds[:] = np.array(paths, dtype=object)
         # Root attrs last, as in zarr: a half-created file has no format_version.
         write_attrs(f, attrs)
@@ -208,10 +210,45 @@ class Hdf5Backend(Backend):
             )
         # HDF5 rejects chunks larger than a fixed-size dataset.
         chunks = (min(chunk_rows, shape[0]), *shape[1:])
+        grow = (None, *shape[1:])  # extendable along rows (--extend)
         if dtype == "str":
-            self._f.create_dataset(path, shape=shape, dtype=_STR, chunks=chunks)
+            self._f.create_dataset(path, shape=shape, dtype=_STR, chunks=chunks, maxshape=grow)
         else:
-            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0, fletcher32=True)
+            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0, fletcher32=True,
+                                   maxshape=grow)
+
+    # ------------------------------------------------------------------ --extend (olacache.store.extend)
+
+    def _growable(self, path: str) -> h5py.Dataset:
+        ds = self._ds(path)
+        if ds.maxshape[0] is not None:
+            raise StoreError(
+                f"{self.url}: this HDF5 store was created with fixed-size datasets ({path!r}), so it cannot be "
+                "extended; build a new store for all the images (or use a zarr store, which always extends)"
+            )
+        return ds
+
+    def resize(self, path: str, n_rows: int) -> None:
+        ds = self._growable(path)
+        if ds.shape[0] != n_rows:
+            ds.resize(n_rows, axis=0)
+        r = self._readers.pop(path, None)
+        if r is not None:
+            r.close()
+
+    def write_index(self, paths: list[str]) -> None:
+        ds = self._growable(INDEX_PATH)
+        old = ds.shape[0]
+        if old != len(paths):
+            ds.resize(len(paths), axis=0)
+        start = min(old, len(paths))
+        if len(paths) > start:
+            ds[start:] = np.array(paths[start:], dtype=object)
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        self._f.flush()  # everything the extension wrote reaches the file before its commit point
+        write_attrs(self._f, attrs)
+        self._f.flush()
 
     def _ds(self, path: str) -> h5py.Dataset:
         try:
@@ -243,6 +280,10 @@ class Hdf5Backend(Backend):
 
     def read_all(self, path: str) -> np.ndarray:
         ds = self._ds(path)
+        if path == INDEX_PATH:
+            # only the committed rows: an extension killed before its commit point left a longer index
+            n = int(read_attrs(self._f).get("n_images", ds.shape[0]))
+            return np.asarray(ds.asstr()[:n], dtype=object)
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.asarray(ds.asstr()[:], dtype=object)
         return ds[:]
