@@ -177,7 +177,8 @@ def _classify(e: BaseException) -> tuple[int, str]:
             return EXIT_FAILED, (f"disk full{where} ({os.strerror(c.errno)}): free space or write elsewhere, then "
                                  "run the same command again (what was complete is kept)")
     if isinstance(e, SystemExit):  # the trainer's refusals and stops: SystemExit("message")
-        return EXIT_FAILED, _one_line(str(e.code))
+        # olatrain.guards.RunRefused (before step 1) is a refusal; a stop once training runs is a failure
+        return (EXIT_USAGE if getattr(e, "refused", False) else EXIT_FAILED), _one_line(str(e.code))
     if _is_user_error(e) or (_worker_error_name(e) or "").split(".")[-1] in {n for _, n in USER_ERRORS}:
         return EXIT_USAGE, _one_line(str(e))
     if isinstance(e, OSError):
