@@ -499,12 +499,12 @@ def verify_cmd(
                 continue
             out.print(f"{t}: recomputed {p['n']} images, cosine mean {p['cosine_mean']:.6f} "
                       f"min {p['cosine_min']:.6f}, max |diff| {p['max_abs_diff']:.3g}")
-        for w in rep.warnings:
-            out.print(f"[yellow]warning:[/] {escape(w)}")
+        for w in rep.warnings:  # soft_wrap: one line per warning/problem, whatever the terminal's width
+            out.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
         for pr in rep.problems:
-            out.print(f"[red]problem:[/] {escape(pr)}")
+            out.print(f"[red]problem:[/] {escape(pr)}", soft_wrap=True)
         for n in rep.notes:
-            out.print(f"note: {n}", markup=False, highlight=False)
+            out.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
         out.print("[bold green]OK[/]" if rep.ok else f"[bold red]{len(rep.problems)} problem(s)[/]")
     raise typer.Exit(0 if rep.ok else 1)
 
