@@ -158,7 +158,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                     )
     if repair and damaged:
         repair_shards(url, damaged, rep)
-    if quick:
+    if quick and integrity:
         only = "".join(f" --teacher {t}" for t in teachers or [])
         rep.notes.append(f"quick check: shard files, sizes and indexes only; no target bytes were read (chunk "
                          f"checksums, shard digests and values not checked): `olacache verify {url}{only}` "

@@ -4,6 +4,7 @@ not read."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -164,6 +165,14 @@ def test_cli_quick_teacher_and_help(clean, tmp_path: Path) -> None:
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("problem:")]
     assert len(lines) == 1 and "big/target shard 1" in lines[0] and "missing" in lines[0], res.stdout
     assert _cli("verify", str(url), "--quick", "--teacher", "small").returncode == 0  # the damage is in big
+    res = _cli("verify", str(url), "--quick", "--json")
+    got = json.loads(res.stdout)
+    assert res.returncode == 1 and got["quick"] is True and len(got["problems"]) == 1 and got["notes"], got
+    res = _cli("verify", str(url), "--quick", "--repair")  # what quick finds, --repair marks for recompute
+    assert res.returncode == 1 and "repair: marked 1 damaged shard(s) [1]" in res.stdout, res.stdout
+    with EmbeddingStore.open(url) as s:
+        assert s.complete_shards("big").tolist() == [True, False, True]
+        assert s.complete_shards("small").all()
     res = _cli("verify", str(url), "--teacher", "nope")
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and "'nope'" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
