@@ -223,3 +223,16 @@ def test_quick_on_s3(tmp_path: Path) -> None:
             else:
                 os.environ[k] = v
         ctx.__exit__(None, None, None)
+
+
+def test_format1_store_quick_equals_full(tmp_path: Path) -> None:
+    """A format-1 store (no inner checksums, index crc32c still there) passes both checks alike."""
+    from test_store_portable import N as N1
+    from test_store_portable import make_v1_zarr
+
+    url = tmp_path / "v1.zarr"
+    vals = np.random.default_rng(1).standard_normal((N1, 4, 32), dtype=np.float32)
+    make_v1_zarr(url, vals)
+    quick, full = verify_store(str(url), quick=True), verify_store(str(url))
+    assert quick.ok and full.ok, (quick.problems, full.problems)
+    assert quick.warnings == full.warnings
