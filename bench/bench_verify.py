@@ -8,7 +8,7 @@
    images / 256 = 2,181 shards; a tiny target so the store is small): the per-shard cost at that count, and on
    S3 with 256 shards (the requests of all shards in flight together).
 
-    .venv/bin/python bench/bench_verify.py                 # ~4 min on the 2-vCPU dev VM
+    .venv/bin/python bench/bench_verify.py                 # ~5 min on the 2-vCPU dev VM
     .venv/bin/python bench/bench_verify.py --n-images 256 --s3-images 64 --scale-shards 200 \
         --s3-scale-shards 32   # quick check
 """
