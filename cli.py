@@ -472,7 +472,7 @@ def verify_cmd(
     teacher: Annotated[list[str] | None, typer.Option("--teacher", metavar="NAME", help="Check only this teacher column (repeatable).")] = None,
 ) -> None:
     """Check structure, completeness and every complete shard's files and checksums (reads every target byte:
-    hours for a 1.6 TB store); --quick checks the same files, sizes and shard indexes without reading target
+    hours for a 1.65 TB store); --quick checks the same files, sizes and shard indexes without reading target
     data; with --recompute K, parity against the live teachers."""
     from olacache.store import StoreError
     from olacache.verify import verify_store

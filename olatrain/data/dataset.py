@@ -266,8 +266,10 @@ class ConversationDataset(Dataset):
         that explains any read error, and `olacache verify` would find nothing wrong with the new column."""
         from olacache.store import StoreError
 
+        check = getattr(self.reader, "check_generation", None)  # any reader with fetch() will do here
         try:
-            self.reader.check_generation(force=True)
+            if check is not None:
+                check(force=True)
         except StoreError as e:
             return " ".join(str(e).split())
         return None
