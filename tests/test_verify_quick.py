@@ -183,9 +183,6 @@ def test_cli_quick_teacher_and_help(clean, tmp_path: Path) -> None:
 def test_quick_on_s3(tmp_path: Path) -> None:
     import s3fs
 
-    # fsspec keeps one S3FileSystem per set of arguments: one made for another module's server (same arguments,
-    # the endpoint came from the environment) would still point at that server's port
-    s3fs.S3FileSystem.clear_instance_cache()
     try:
         ctx = seaweedfs(tmp_path / "weed")
         aws = ctx.__enter__()
@@ -226,7 +223,6 @@ def test_quick_on_s3(tmp_path: Path) -> None:
             else:
                 os.environ[k] = v
         ctx.__exit__(None, None, None)
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_format1_store_quick_equals_full(tmp_path: Path) -> None:
