@@ -797,3 +797,16 @@ def test_hdf5_second_writer_refused(tmp_path: Path) -> None:
         p.join(60)
     assert p.exitcode == 0
     EmbeddingStore.open(url, "r+").close()  # free again
+
+
+def test_truncated_hdf5_is_named_truncated_not_locked(tmp_path):
+    """A cut-short HDF5 file (HDF5's message names "sblock->base_addr") is not mistaken for a locked one."""
+    p = tmp_path / "s.h5"
+    with EmbeddingStore.create(p, [f"a/{i}.jpg" for i in range(8)], shard_size=4, format="hdf5") as s:
+        s.add_teacher("t", (4, 8))
+        s.write_shard("t", 0, np.ones((4, 4, 8), np.float32), np.full(4, OK, np.uint8), [""] * 4)
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+    with pytest.raises(StoreError, match="truncated") as e:
+        EmbeddingStore.open(p)
+    assert "another process" not in str(e.value)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,15 @@ def _open_file(url: str, path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, locking="best-effort")
     except (OSError, BlockingIOError) as e:
         msg = str(e).lower()
-        if "lock" in msg or getattr(e, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+        if "truncated file" in msg:
+            raise StoreError(
+                f"{url}: the HDF5 file is truncated ({e}); it was cut short (a copy or a build that died "
+                "mid-write): copy it again, or rebuild the store"
+            ) from None
+        # a word, not a substring: a truncated file's message names "sblock->base_addr"
+        if re.search(r"\block", msg) or getattr(e, "errno", None) in (
+            errno.EAGAIN, errno.EWOULDBLOCK
+        ):
             raise StoreLocked(
                 f"{url}: the HDF5 file is held by another process (HDF5 stores allow one writer and no readers "
                 "while it writes; distributed builds need format='zarr'). Wait for that process or close it."
