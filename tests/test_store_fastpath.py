@@ -144,7 +144,9 @@ def test_fast_path_reports_the_library_paths_bad_rows(tmp_path: Path, fmt: str) 
             with EmbeddingStore.open(url, fast_reads=fast, read_threads=threads) as s:
                 out = np.full((N, *SHAPES[col]), 7, np.float16)
                 bad = s._read_into(col, rows, out, np.arange(N), must_exist=True)
-                assert (s._b._readers[f"{col}/target"] is not None) == fast  # type: ignore[attr-defined]
+                # HDF5 chunks of several images are read through h5py (faster there, see _H5RawReader)
+                on = fast and (fmt == "zarr" or col == "big")
+                assert (s._b._readers[f"{col}/target"] is not None) == on  # type: ignore[attr-defined]
             assert bad.tolist() == want_bad[col], (fast, threads)
             got[(fast, threads)] = out
             good = ~np.isin(rows, want_bad[col])
@@ -168,7 +170,7 @@ def test_hdf5_rewritten_shard_reads_back_its_new_values(tmp_path: Path) -> None:
 def test_hdf5_unwritten_chunk_is_fill_unless_it_must_exist(tmp_path: Path) -> None:
     path = tmp_path / "f.h5"
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("x", shape=(6, 4, 8), dtype="f2", chunks=(2, 4, 8), fletcher32=True, fillvalue=0)
+        ds = f.create_dataset("x", shape=(6, 4, 8), dtype="f2", chunks=(1, 4, 8), fletcher32=True, fillvalue=0)
         ds[0:2] = 1.5
         ds[4:6] = 2.5
     with h5py.File(path, "r") as f:
@@ -181,7 +183,9 @@ def test_hdf5_unwritten_chunk_is_fill_unless_it_must_exist(tmp_path: Path) -> No
             assert bad.tolist() == bad_want
             np.testing.assert_array_equal(out, np.repeat([1.5, 1.5, 0, 0, 2.5, 2.5], 32).reshape(6, 4, 8))
         r.close()
-        # any filter besides fletcher32 (here gzip) is read through h5py
+    # read through h5py instead: any filter besides fletcher32 (here gzip); fletcher32 chunks of several images
     with h5py.File(path, "a") as f:
         f.create_dataset("z", shape=(4, 8), dtype="f2", chunks=(1, 8), fletcher32=True, compression="gzip")
+        f.create_dataset("y", shape=(4, 8), dtype="f2", chunks=(2, 8), fletcher32=True)
         assert _H5RawReader.for_dataset(f["z"], path) is None
+        assert _H5RawReader.for_dataset(f["y"], path) is None

@@ -333,13 +333,14 @@ class Hdf5Backend(Backend):
 
 
 class _H5RawReader:
-    """preads rows of a chunked, unfiltered or fletcher32-only dataset at the chunk byte offsets HDF5 reports.
+    """preads rows of a chunked dataset, unfiltered, or fletcher32-only with one image per chunk, at the chunk
+    byte offsets HDF5 reports.
 
     Fletcher32 (format 2): each chunk is read whole with the 4-byte checksum HDF5 stored after it, and verified
-    (olacache.store.checksums.fletcher32, HDF5's algorithm vectorised) before any of its rows count as read; a
-    chunk that fails has its rows reported, like h5py's read error. Kept instead of h5py because it is clearly
-    faster warm on a local disk: bench/README.md "Store reads" (same run, ratio to memmap: this reader 0.54,
-    h5py 0.31).
+    (olacache.store.checksums.fletcher32, HDF5's algorithm vectorised) before its row counts as read; a chunk
+    that fails has its row reported, like h5py's read error. Kept instead of h5py only where it is clearly faster
+    warm on a local disk (bench/README.md "Store reads", same run): one image per chunk, 1.35-1.66x h5py for
+    (64..576, 1024) fp16 images; with 64 small images per chunk it ran at 0.35-0.52x h5py, so those go to h5py.
 
     Offsets of allocated chunks are cached while the file is unchanged (its inode, mtime and size, checked by
     ``fstat`` on every read: HDF5 may move a rewritten filtered chunk); unallocated chunks are re-queried each
@@ -370,6 +371,10 @@ class _H5RawReader:
         dcpl = ds.id.get_create_plist()
         filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
         if filters not in ([], [h5py.h5z.FILTER_FLETCHER32]):
+            return None
+        if filters and int(ds.chunks[0]) != 1:
+            # several images per chunk (small targets, int8 scales): h5py is faster (its chunk cache verifies a
+            # chunk once and serves the chunk's other rows from memory): bench/README.md "Store reads"
             return None
         return cls(ds, path, checked=bool(filters))
 
