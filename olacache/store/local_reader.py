@@ -89,8 +89,8 @@ class LocalShardedReader:
     Kept instead of a library codec pipeline because it is clearly faster warm on a local disk: bench/README.md
     "Store reads" (format 2, crc32c checked, two runs, same run each: 4.4-4.8x zarr-python's read_rows; ratio to
     memmap 0.62-0.68 vs zarr-python 0.13); a side-by-side run reported in issue 10 put zarr-python + zarrs at
-    0.39 and tensorstore at 0.24 (not re-measured in this repository's bench). Its crc32c costs 27-32% of the
-    read rate (same runs, with / without checksums 0.68-0.72): the checksum's own compute, see bench/README.md
+    0.39 and tensorstore at 0.24 (not re-measured in this repository's bench). Its crc32c costs 27-37% of the
+    read rate (with / without checksums 0.63-0.73 in four runs): the checksum's own compute, see bench/README.md
     "What makes the reads fast"."""
 
     def __init__(
