@@ -15,13 +15,12 @@ from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from olacache.store.checksums import _crc32c_value as _crc32c
-from olacache.store.checksums import _readonly, crc32c_ok
+from olacache.store.checksums import (
+    _readonly,  # noqa: F401 - remote_reader imports it from here
+    crc32c_ok,
+)
 from olacache.store.format import CorruptChunk
 from olacache.store.pread import ReadPool, Run, plan_checked_runs, plan_runs, read_checked_runs, read_runs
-
-__all__ = ["_MAX_U64", "_crc32c", "_readonly", "LocalShardedReader", "inner_crc", "is_checksum_error",
-           "sharded_layout"]
-
 
 _MAX_U64 = np.uint64(2**64 - 1)
 
