@@ -4,11 +4,6 @@ stored after it in the file, and says whether they match exactly as zarr / HDF5 
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-from collections.abc import Callable
-
 import numpy as np
 
 try:  # zarr >= 3.1 checksums with google-crc32c; 3.0 used the `crc32c` package
@@ -28,44 +23,9 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _nogil_crc32c() -> Callable[[np.ndarray], int] | None:
-    """google-crc32c's own C library (its public C API, shipped in the wheel) called through ctypes, which
-    releases the GIL for the call. Its Python extension holds the GIL: two threads checksumming 1 MB buffers
-    took as long as one thread (0.47-0.82 s vs 0.42-0.47 s), while through ctypes they took 0.30 s vs 0.49 s
-    when the machine had a free core. So ``read_threads`` > 1 can checksum chunks in parallel. None (use the
-    extension) unless the library is found and agrees with the extension on test data."""
-    if _crc32c_value is None:
-        return None
-    try:
-        import google_crc32c
-
-        here = os.path.dirname(os.path.dirname(google_crc32c.__file__))
-        found = sorted(glob.glob(os.path.join(here, "google_crc32c.libs", "libcrc32c*.so*")))
-        if not found:
-            return None
-        fn = ctypes.CDLL(found[0]).crc32c_value
-        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_size_t]
-        probe = np.frombuffer(b"123456789" * 1000, np.uint8)
-        if fn(probe.ctypes.data, probe.size) != _crc32c_value(_readonly(probe)) or fn(probe.ctypes.data, 9) != 0xE3069283:
-            return None
-    except (ImportError, OSError, AttributeError):
-        return None
-
-    def value(body: np.ndarray) -> int:
-        if not body.flags.c_contiguous:  # pragma: no cover - callers pass contiguous chunk bodies
-            body = np.ascontiguousarray(body)
-        return int(fn(body.ctypes.data, body.nbytes))
-
-    return value
-
-
-_crc_nogil = _nogil_crc32c()
-
-
 def crc32c(body: np.ndarray) -> int:
-    """crc32c of a contiguous array's bytes (GIL released when the library allows, see _nogil_crc32c)."""
-    if _crc_nogil is not None:
-        return _crc_nogil(body)
+    """crc32c of a contiguous array's bytes. google-crc32c holds the GIL while it checksums (two threads ran no
+    faster than one: bench/bench_checksums.py), so read threads overlap their reads but not their crc32c."""
     return int(_crc32c_value(_readonly(body)))  # type: ignore[misc]
 
 

@@ -180,7 +180,8 @@ def read_checked_runs(
     row is read straight into its out slot (its checksum into a side buffer), so a good row costs no copy; a
     bigger chunk is read into a scratch buffer and its wanted rows are copied out once it passed. A chunk that
     fails (or is cut short: a truncated file) has its wanted slots zeroed. -> its wanted rows (never data).
-    With a thread pool, runs are read and checked concurrently (preadv and both checksums release the GIL)."""
+    With a thread pool, runs are read and checked concurrently (preadv and numpy's fletcher32 release the GIL;
+    google-crc32c holds it)."""
     if not runs:
         return []
     flat = out.reshape(out.shape[0], -1)  # a view; rows of 1-D arrays become 1-element vectors
