@@ -339,9 +339,10 @@ class _H5RawReader:
     Fletcher32 (format 2): each chunk is read whole with the 4-byte checksum HDF5 stored after it, and verified
     (olacache.store.checksums.fletcher32, HDF5's algorithm vectorised) before its row counts as read; a chunk
     that fails has its row reported, like h5py's read error. Kept instead of h5py only where it is clearly faster
-    warm on a local disk (bench/README.md "Store reads", same run each): one image per chunk, 1.39-1.58x h5py
-    for (576, 1024) fp16 images (two runs; 1.35x at (256, 1024), 1.66x at (64, 1024)); with 64 small images per
-    chunk, (1, 1024), it ran at 0.35-0.52x h5py, so those datasets are read through h5py.
+    warm on a local disk (bench/README.md "Store reads", same run each): one image per chunk, 1.48-1.49x h5py
+    for (576, 1024) fp16 images (two runs; 1.39-1.58x in two earlier ones; 1.35x at (256, 1024), 1.66x at
+    (64, 1024)); with 64 small images per chunk, (1, 1024), it ran at 0.35-0.52x h5py, so those datasets are
+    read through h5py.
 
     Offsets of allocated chunks are cached while the file is unchanged (its inode, mtime and size, checked by
     ``fstat`` on every read: HDF5 may move a rewritten filtered chunk); unallocated chunks are re-queried each

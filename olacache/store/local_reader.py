@@ -86,10 +86,10 @@ class LocalShardedReader:
     returned). Format-1 arrays (no inner checksum) read missing shards/chunks as the fill value like zarr.
 
     Kept instead of a library codec pipeline because it is clearly faster warm on a local disk: bench/README.md
-    "Store reads" (format 2, crc32c checked, two runs, same run each: 4.4-4.8x zarr-python's read_rows; ratio to
-    memmap 0.62-0.68 vs zarr-python 0.13); a side-by-side run reported in issue 10 put zarr-python + zarrs at
-    0.39 and tensorstore at 0.24 (not re-measured in this repository's bench). Its crc32c costs 27-37% of the
-    read rate (with / without checksums 0.63-0.73 in four runs): the checksum's own compute, see bench/README.md
+    "Store reads" (format 2, crc32c checked, two runs, same run each: 4.6-4.9x zarr-python's read_rows; ratio to
+    memmap 0.64-0.66 vs zarr-python 0.14); a side-by-side run reported in issue 10 put zarr-python + zarrs at
+    0.39 and tensorstore at 0.24 (not re-measured in this repository's bench). Its crc32c costs 20-38% of the
+    read rate (with / without checksums 0.62-0.80 in seven runs): the checksum's own compute, see bench/README.md
     "What makes the reads fast"."""
 
     def __init__(
