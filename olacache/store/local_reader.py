@@ -15,10 +15,7 @@ from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from olacache.store.checksums import _crc32c_value as _crc32c
-from olacache.store.checksums import (
-    _readonly,  # noqa: F401 - remote_reader imports it from here
-    crc32c_ok,
-)
+from olacache.store.checksums import crc32c_ok
 from olacache.store.format import CorruptChunk
 from olacache.store.pread import ReadPool, Run, plan_checked_runs, plan_runs, read_checked_runs, read_runs
 
