@@ -177,7 +177,8 @@ def _classify(e: BaseException) -> tuple[int, str]:
             return EXIT_FAILED, (f"disk full{where} ({os.strerror(c.errno)}): free space or write elsewhere, then "
                                  "run the same command again (what was complete is kept)")
     if isinstance(e, SystemExit):  # the trainer's refusals and stops: SystemExit("message")
-        return EXIT_FAILED, _one_line(str(e.code))
+        # olatrain.guards.RunRefused (before step 1) is a refusal; a stop once training runs is a failure
+        return (EXIT_USAGE if getattr(e, "refused", False) else EXIT_FAILED), _one_line(str(e.code))
     if _is_user_error(e) or (_worker_error_name(e) or "").split(".")[-1] in {n for _, n in USER_ERRORS}:
         return EXIT_USAGE, _one_line(str(e))
     if isinstance(e, OSError):
@@ -468,20 +469,25 @@ def verify_cmd(
     json_out: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object (ok, problems, warnings, parity, failed rows).")] = False,
     repair: Annotated[bool, typer.Option("--repair", metavar="", help="Mark shards with damaged chunks incomplete so the next `olacache build` recomputes exactly them.")] = False,
     storage_option: Annotated[list[str] | None, typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for an object-storage URL (repeatable).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", metavar="", help="Read no target bytes: every complete shard's file, size and index, plus all metadata (seconds to minutes where the full check takes hours). Use it after copying or syncing a store and before a run; run the full check after a crash, a disk or network error, or a reported checksum failure.")] = False,
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", metavar="NAME", help="Check only this teacher column (repeatable).")] = None,
 ) -> None:
-    """Check structure, completeness and every complete shard's files and checksums; with --recompute K,
-    parity against the live teachers."""
+    """Check structure, completeness and every complete shard's files and checksums (reads every target byte:
+    hours for a 1.65 TB store); --quick checks the same files, sizes and shard indexes without reading target
+    data; with --recompute K, parity against the live teachers."""
     from olacache.store import StoreError
     from olacache.verify import verify_store
 
     _storage_options(storage_option)
     try:
-        rep = verify_store(store, recompute, image_root=image_root, device=device, repair=repair)
+        rep = verify_store(store, recompute, image_root=image_root, device=device, repair=repair, quick=quick,
+                           teachers=teacher)
     except StoreError as e:
         _fail(str(e))
     if json_out:
         out.print_json(json.dumps({"ok": rep.ok, "problems": rep.problems, "warnings": rep.warnings,
-                                   "parity": rep.parity, "failed": rep.failed}))
+                                   "parity": rep.parity, "failed": rep.failed, "quick": quick,
+                                   "notes": rep.notes}))
     else:
         for t, rows in rep.failed.items():
             out.print(f"[yellow]{t}: {len(rows)} failed image(s)[/]")
@@ -494,10 +500,12 @@ def verify_cmd(
                 continue
             out.print(f"{t}: recomputed {p['n']} images, cosine mean {p['cosine_mean']:.6f} "
                       f"min {p['cosine_min']:.6f}, max |diff| {p['max_abs_diff']:.3g}")
-        for w in rep.warnings:
-            out.print(f"[yellow]warning:[/] {escape(w)}")
+        for w in rep.warnings:  # soft_wrap: one line per warning/problem, whatever the terminal's width
+            out.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
         for pr in rep.problems:
-            out.print(f"[red]problem:[/] {escape(pr)}")
+            out.print(f"[red]problem:[/] {escape(pr)}", soft_wrap=True)
+        for n in rep.notes:
+            out.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
         out.print("[bold green]OK[/]" if rep.ok else f"[bold red]{len(rep.problems)} problem(s)[/]")
     raise typer.Exit(0 if rep.ok else 1)
 

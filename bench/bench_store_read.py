@@ -10,6 +10,10 @@ an olacache zarr store, an olacache HDF5 store and a plain .npy — then reads t
   (b) a torch DataLoader with --workers workers (fork; the parent has already read, so this also exercises the
       per-process lazy reopen); the batch sampler yields row lists and __getitem__ reads one whole batch.
 
+``--without-checksums`` also writes the same data as a zarr store and an HDF5 store WITHOUT chunk checksums
+(format 1's layout: no crc32c codec inside the sharding codec, no fletcher32 filter) and adds their read_rows
+rows, so the checksums' read cost is a ratio measured in the same run.
+
 Numbers are WARM page-cache numbers (everything was just written and then read once; dropping caches needs
 root). ``--cold`` additionally evicts each method's files with posix_fadvise(DONTNEED) before a first pass;
 on a VM the host may still cache, so treat those as indicative only.
@@ -19,18 +23,20 @@ real stores, and the int8 reconstruction cosine on realistic-ish features.
 
     python bench/bench_store_read.py                       # defaults, ~2-3 min on 2 cores
     python bench/bench_store_read.py --n-images 512 --batches 50 --no-dataloader   # quick
+    python bench/bench_store_read.py --n-images 512 --batches 40 --no-dataloader --no-sizes --without-checksums
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,27 +49,58 @@ from olacache.store.reader import _new_batch  # noqa: E402
 # ----------------------------------------------------------------------------------------------- data
 
 
-def build(root: Path, n: int, shape: tuple[int, ...], shard_size: int, seed: int) -> dict[str, Path]:
+@contextlib.contextmanager
+def without_checksums() -> Iterator[None]:
+    """Columns added inside are written with format 1's layout: no crc32c codec in the zarr sharding codec, no
+    fletcher32 filter on HDF5 datasets (everything else as format 2), for with/without comparisons."""
+    import h5py
+
+    import olacache.store.zarr_backend as zb
+
+    real_comp, real_create = zb._compressors, h5py.Group.create_dataset
+
+    def create(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        kw.pop("fletcher32", None)
+        return real_create(self, *a, **kw)
+
+    zb._compressors = lambda name, url, version=2: real_comp(name, url, 1)  # type: ignore[assignment]
+    h5py.Group.create_dataset = create  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        zb._compressors = real_comp  # type: ignore[assignment]
+        h5py.Group.create_dataset = real_create  # type: ignore[method-assign]
+
+
+def build(
+    root: Path, n: int, shape: tuple[int, ...], shard_size: int, seed: int, plain: bool = False
+) -> dict[str, Path]:
     paths = [f"bench/{i:07d}.jpg" for i in range(n)]
     out = {"zarr": root / "store.zarr", "hdf5": root / "store.h5", "npy": root / "targets.npy"}
-    zs = EmbeddingStore.create(out["zarr"], paths, shard_size=shard_size, format="zarr")
-    hs = EmbeddingStore.create(out["hdf5"], paths, shard_size=shard_size, format="hdf5")
-    for s in (zs, hs):
-        s.add_teacher("t", shape)
+    stores = {k: EmbeddingStore.create(out[k], paths, shard_size=shard_size, format=k) for k in ("zarr", "hdf5")}
+    if plain:  # the same data without chunk checksums (--without-checksums)
+        out |= {"zarr-plain": root / "plain.zarr", "hdf5-plain": root / "plain.h5"}
+        stores |= {
+            f"{k}-plain": EmbeddingStore.create(out[f"{k}-plain"], paths, shard_size=shard_size, format=k)
+            for k in ("zarr", "hdf5")
+        }
+    for k, s in stores.items():
+        with without_checksums() if k.endswith("-plain") else contextlib.nullcontext():
+            s.add_teacher("t", shape)
     mm = np.lib.format.open_memmap(out["npy"], mode="w+", dtype=np.float16, shape=(n, *shape))
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    for shard in range(zs.n_shards):
-        rows = zs.shard_rows(shard)
+    for shard in range(stores["zarr"].n_shards):
+        rows = stores["zarr"].shard_rows(shard)
         x = rng.standard_normal((len(rows), *shape), dtype=np.float32)
         st = np.full(len(rows), OK, np.uint8)
-        zs.write_shard("t", shard, x, st, [""] * len(rows))
-        hs.write_shard("t", shard, x, st, [""] * len(rows))
+        for s in stores.values():
+            s.write_shard("t", shard, x, st, [""] * len(rows))
         mm[rows.start : rows.stop] = x
     mm.flush()
     del mm
-    zs.close()
-    hs.close()
+    for s in stores.values():
+        s.close()
     print(
         f"built {n} x {shape} fp16 in zarr/hdf5/npy under {root} in {time.perf_counter() - t0:.1f}s",
         flush=True,
@@ -222,6 +259,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--read-threads", type=int, default=4, help="thread count for the read_threads rows")
     ap.add_argument("--no-dataloader", action="store_true")
+    ap.add_argument("--without-checksums", action="store_true",
+                    help="also read the same data stored without chunk checksums (format 1's layout)")
     ap.add_argument("--cold", action="store_true", help="also time a first pass after fadvise(DONTNEED)")
     ap.add_argument("--no-sizes", action="store_true", help="skip the fp16-vs-int8 size/cosine table")
     ap.add_argument("--only-sizes", action="store_true")
@@ -251,7 +290,7 @@ def run_reads(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the build", flush=True
     )
-    files = build(tmp, n, shape, args.shard_size, args.seed)
+    files = build(tmp, n, shape, args.shard_size, args.seed, plain=args.without_checksums)
     img_mb = float(np.prod(shape)) * 2 / 1e6
     rng = np.random.default_rng(args.seed + 1)
     batches = [rng.choice(n, bsz, replace=False) for _ in range(args.batches)]
@@ -290,8 +329,14 @@ def run_reads(args: argparse.Namespace, tmp: Path) -> None:
         "hdf5    read_rows via h5py": lambda: store_m("hdf5", fast_reads=False),
         "zarr    naive z[i] loop (zarr-python)": naive_m,
     }
+    if args.without_checksums:
+        methods |= {
+            "zarr    read_rows, no checksums (format-1 layout)": lambda: store_m("zarr-plain"),
+            "hdf5    read_rows, no checksums (format-1 layout)": lambda: store_m("hdf5-plain"),
+            "hdf5    read_rows via h5py, no checksums": lambda: store_m("hdf5-plain", fast_reads=False),
+        }
     slow = {"zarr    naive z[i] loop (zarr-python)", "zarr    read_rows via zarr async API"}
-    all_files = [files["npy"], files["zarr"], files["hdf5"]]
+    all_files = list(files.values())
 
     cold: dict[str, float] = {}
     if args.cold:
@@ -328,14 +373,36 @@ def run_reads(args: argparse.Namespace, tmp: Path) -> None:
         f"\n### Direct calls, warm page cache: {args.batches} random batches of {bsz} x {shape} fp16 "
         f"({img_mb:.2f} MB/img), median of {args.repeats} interleaved passes"
     )
-    head = "| method | images/s | MB/s | vs memmap |"
+    def pass_ratio(a: str, b: str) -> float:
+        """Median over the interleaved passes of a's rate / b's rate in the same pass: what load drift between
+        passes moves least."""
+        return statistics.median(x / y for x, y in zip(res[a], res[b], strict=True))
+
+    head = "| method | images/s | MB/s | vs memmap | vs memmap, per pass |"
     if cold:
         head += f" first pass after fadvise evict ({min(len(batches), 30)} batches), images/s |"
     print(head)
-    print("|---|---:|---:|---:|" + ("---:|" if cold else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if cold else ""))
     for m, v in med.items():
         extra = (f" {cold[m]:,.0f} |" if m in cold else " - |") if cold else ""
-        print(f"| {m} | {v:,.0f} | {v * img_mb:,.0f} | {v / base:.2f} |{extra}")
+        print(f"| {m} | {v:,.0f} | {v * img_mb:,.0f} | {v / base:.2f} | "
+              f"{pass_ratio(m, 'memmap  mm[rows]'):.2f} |{extra}")
+    if args.without_checksums:
+        print("\n### Checksum read cost and fast path vs library, same run (median of per-pass ratios)")
+        print("| ratio | value |\n|---|---:|")
+        for label, a, b in (
+            ("zarr fast path: crc32c / no checksums", "zarr    EmbeddingStore.read_rows",
+             "zarr    read_rows, no checksums (format-1 layout)"),
+            ("hdf5 fast path: fletcher32 / no checksums", "hdf5    EmbeddingStore.read_rows",
+             "hdf5    read_rows, no checksums (format-1 layout)"),
+            ("hdf5 h5py: fletcher32 / no checksums", "hdf5    read_rows via h5py",
+             "hdf5    read_rows via h5py, no checksums"),
+            ("hdf5 with fletcher32: fast path / h5py", "hdf5    EmbeddingStore.read_rows",
+             "hdf5    read_rows via h5py"),
+            ("zarr with crc32c: fast path / zarr-python", "zarr    EmbeddingStore.read_rows",
+             "zarr    read_rows via zarr async API"),
+        ):
+            print(f"| {label} | {pass_ratio(a, b):.2f} |")
 
     if not args.no_dataloader:
         readers = {k: TargetReader(files[k], ["t"]) for k in ("zarr", "hdf5")}

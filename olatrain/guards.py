@@ -42,6 +42,13 @@ class RunError(SystemExit):
         return self.message
 
 
+class RunRefused(RunError):
+    """A run refused before step 1 (its config, data, store, output_dir or checkpoints do not fit): the CLI
+    exits 2 like every other refusal; a RunError raised once training runs exits 1."""
+
+    refused = True
+
+
 class NonFiniteSteps(RunError):
     """``train.max_bad_steps`` steps in a row had a non-finite loss or gradient norm (none was applied)."""
 
@@ -51,20 +58,20 @@ def check_output_dir(cfg: Config) -> None:
     root, before anything is written."""
     out = Path(cfg.output_dir).expanduser().resolve()
     if out == Path(out.anchor):
-        raise RunError(f"output_dir={cfg.output_dir} is a filesystem root; choose a directory for the run, "
+        raise RunRefused(f"output_dir={cfg.output_dir} is a filesystem root; choose a directory for the run, "
                        f"e.g. output_dir=runs/my-run")
     if out.exists() and not out.is_dir():
-        raise RunError(f"output_dir={cfg.output_dir} exists and is not a directory; choose another output_dir")
+        raise RunRefused(f"output_dir={cfg.output_dir} exists and is not a directory; choose another output_dir")
     for p in (*reversed(out.parents), out):  # outermost first: name the store, not one of its groups
         if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() or (p / ".zarray").is_file():
-            raise RunError(f"output_dir={cfg.output_dir} is inside the embedding store {p}; a run must not write "
+            raise RunRefused(f"output_dir={cfg.output_dir} is inside the embedding store {p}; a run must not write "
                            f"into a store: choose a directory outside it")
     for key, value in (("data.store", cfg.data.store), ("data.image_root", cfg.data.image_root)):
         if not value or "://" in str(value):
             continue
         root = Path(value).expanduser().resolve()
         if out == root or root in out.parents:
-            raise RunError(f"output_dir={cfg.output_dir} is inside {key}={value}; choose a directory outside it")
+            raise RunRefused(f"output_dir={cfg.output_dir} is inside {key}={value}; choose a directory outside it")
 
 
 def open_skip_log(stage_dir: Path, start_step: int, rt: Runtime) -> Path:

@@ -40,7 +40,7 @@ from olacache.common.runtime import Runtime, init_runtime
 from olatrain import checkpoint as ckpt
 from olatrain import guards, parallel
 from olatrain.config import Config, RunSpec, config_from_dict, store_read_options
-from olatrain.guards import RunError
+from olatrain.guards import RunError, RunRefused
 from olatrain.metrics import MetricsLog, TrainDisplay
 
 
@@ -107,14 +107,14 @@ def open_targets(cfg: Config, device: torch.device) -> tuple[Any, Any, dict[str,
     from olacache.store import StoreError, TargetReader
 
     if not cfg.data.store:
-        raise SystemExit(
+        raise RunRefused(
             "PT with cached targets needs data.store (build one with `olacache build`), "
             "or train.targets=online to run the teachers live"
         )
     try:
         reader = TargetReader(cfg.data.store, teachers, **store_read_options(cfg))
     except StoreError as e:
-        raise SystemExit(f"cannot use store {cfg.data.store}: {e}") from e
+        raise RunRefused(f"cannot use store {cfg.data.store}: {e}") from e
     return reader, None, {t: TargetSpec(reader.shapes[t], reader.kinds[t]) for t in teachers}
 
 
@@ -184,21 +184,21 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
                                      f"{damaged[0][1]}); remove {stage_dir} to train the stage from its start")
             found_s, refusal = rt.broadcast_object(verdict)
             if refusal is not None:
-                raise RunError(f"[{stage}] cannot resume: {refusal}")
+                raise RunRefused(f"[{stage}] cannot resume: {refusal}")
             resume_from = Path(found_s) if found_s is not None else None
         other = ckpt.latest_checkpoint(stage_dir) if sharded else _latest_sharded(stage_dir)
         if resume_from is None and other is not None:
-            raise SystemExit(f"{other} was saved with train.parallel={'ddp' if sharded else 'fsdp'}: resume the "
+            raise RunRefused(f"{other} was saved with train.parallel={'ddp' if sharded else 'fsdp'}: resume the "
                              "stage with that setting (a finished stage's final/ works with either)")
         if resume_from is not None:
             start_step = int(ckpt.load_state(resume_from)["step"])
     elif ckpt.latest_checkpoint(stage_dir) is not None or _latest_sharded(stage_dir) is not None:
-        raise SystemExit(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
+        raise RunRefused(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another output_dir")
     if init_from is not None and resume_from is None:
         why = ckpt.verify(init_from, training=False)
         if why is not None:
-            raise RunError(f"[{stage}] cannot initialise from {init_from}: {why}; rerun the stage that wrote it "
+            raise RunRefused(f"[{stage}] cannot initialise from {init_from}: {why}; rerun the stage that wrote it "
                            f"(remove its directory) or set train.init_from to an intact checkpoint")
 
     # -- data and targets
@@ -215,11 +215,11 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         kept = check_targets(dataset, reader, cfg) if reader is not None else {}
         dataset.check_image_root()
     except DataError as e:  # a refusal before step 1, not a crash: the message says what to do
-        raise RunError(f"[{stage}] {e}") from None
+        raise RunRefused(f"[{stage}] {e}") from None
     if cfg.data.bad_images == "error":  # every rank decodes its share of the images; all stop on any failure
         problem = _prescan(dataset, cfg, rt)
         if problem:
-            raise RunError(f"[{stage}] {problem}")
+            raise RunRefused(f"[{stage}] {problem}")
     if rt.distributed and reader is not None:
         # every rank must shard the SAME sample list: rank 0's view of the store decides (a store still being
         # built could otherwise give ranks different skip lists and so overlapping/missing samples)
@@ -238,7 +238,7 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         try:
             model.load_trainable_state_dict(ckpt.load_weights(init_from), strict=False)
         except ckpt.CheckpointError as e:
-            raise RunError(f"[{stage}] {e}") from None
+            raise RunRefused(f"[{stage}] {e}") from None
         if rt.main:
             log(f"[{stage}] initialised from {init_from}")
     model.set_stage(stage)
@@ -267,7 +267,7 @@ def prepare_stage(cfg: Config, stage_dir: Path, *, init_from: Path | None, resum
         if resume_from is not None and rt.main:
             log(f"[{stage}] resumed from {resume_from} at step {start_step}")
     except ckpt.CheckpointError as e:
-        raise RunError(f"[{stage}] {e}") from None
+        raise RunRefused(f"[{stage}] {e}") from None
     ddp = model if sharded else parallel.wrap_ddp(model, rt)
 
     metrics = None
@@ -466,7 +466,7 @@ def run(spec: RunSpec, *, resume: bool = False, log: Callable[[str], None] = pri
         final = stage_dir / "final"
         if ckpt.is_done(final):
             if not resume:
-                raise SystemExit(f"{stage_dir} is already complete: pass --resume to continue the run "
+                raise RunRefused(f"{stage_dir} is already complete: pass --resume to continue the run "
                                  "(finished stages are skipped), or choose another output_dir")
             log(f"[{name}] already complete, skipping")
             prev = final

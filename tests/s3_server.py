@@ -65,8 +65,10 @@ def seaweedfs(workdir: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{base + 3}"}
     try:
         _wait_ready(aws, proc, timeout, workdir / "weed.log")
+        _forget_s3_clients()
         yield aws
     finally:
+        _forget_s3_clients()
         proc.terminate()
         try:
             proc.wait(20)
@@ -74,6 +76,16 @@ def seaweedfs(workdir: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _forget_s3_clients() -> None:
+    """fsspec keeps one S3FileSystem per set of arguments; the endpoint comes from the environment, so one made
+    for an earlier server (another test module's) would still point at that server's port."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _wait_ready(aws: dict[str, str], proc: subprocess.Popen, timeout: float, logfile: Path) -> None:

@@ -104,14 +104,39 @@ def test_extend_equals_fresh_build_and_reuses_everything_old(tmp_path: Path) -> 
     assert verify_store(str(ext)).ok
 
 
-def test_extend_refuses_hdf5_and_missing_teacher(tmp_path: Path) -> None:
+def test_extend_hdf5_equals_fresh_build(tmp_path: Path) -> None:
+    """HDF5 stores extend too (their datasets grow along rows); the old rows' values are untouched."""
+    a, b, ab = _split(tmp_path)
+    ext = tmp_path / "ext.h5"
+    n_a = _build(a, ext)["images_computed"]
+    before = _by_path(ext)
+    summary = _build(b, ext, "--extend")
+    assert summary["images_reused"] == n_a and summary["images_computed"] > 0
+    after = _by_path(ext)
+    keep = [after["paths"].index(p) for p in before["paths"]]
+    np.testing.assert_array_equal(after["gen"][keep], before["gen"])
+    assert verify_store(str(ext)).ok
+    fresh = tmp_path / "fresh.h5"
+    _build(ab, fresh)
+    _same(after, _by_path(fresh))
+    assert _build(b, ext, "--extend")["images_computed"] == 0
+
+
+def test_extend_refuses_fixed_size_hdf5_and_missing_teacher(tmp_path: Path) -> None:
+    import h5py
+
     from olacache.build import BuildConfig, BuildError, extend_existing
     from olacache.store import StoreError
     from olacache.store.extend import extend_store
 
     paths = [f"a/{i}.jpg" for i in range(6)]
-    with EmbeddingStore.create(tmp_path / "s.h5", paths, shard_size=4, format="hdf5") as s:
-        with pytest.raises(StoreError, match="--extend needs a zarr store"):
+    old = tmp_path / "s.h5"
+    EmbeddingStore.create(old, paths, shard_size=4, format="hdf5").close()
+    with h5py.File(old, "r+") as f:  # as stores made before HDF5 extension existed: fixed-size datasets
+        del f["index/image_path"]
+        f.create_dataset("index/image_path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    with EmbeddingStore.open(old, "r+") as s:
+        with pytest.raises(StoreError, match="fixed-size datasets"):
             extend_store(s, [*paths, "b/new.jpg"])
     with EmbeddingStore.create(tmp_path / "s.zarr", paths, shard_size=4) as s:
         s.add_teacher("depth", (4, 8))

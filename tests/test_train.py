@@ -526,13 +526,13 @@ def test_rerun_on_an_existing_output_dir_is_refused(pt4, pt_cfg, store, tmp_path
     # a finished run, through the CLI
     args = [x for s in _sets(store, pt4, "train.max_steps=4") for x in ("--set", s)]
     res, flat = _cli("run", pt_cfg, *args)
-    assert res.exit_code != 0 and "alreadycomplete" in flat and "--resume" in flat, res.output
+    assert res.exit_code == 2 and "alreadycomplete" in flat and "--resume" in flat, res.output
     # an unfinished run (checkpoints, no final): refused without --resume, also after a config change
     out = tmp_path / "stopped"
     _train(pt_cfg, _sets(store, out, "train.max_steps=2", "train.stop_after=1", *GEN_ONLY))
     args = [x for s in _sets(store, out, "train.max_steps=2", *GEN_ONLY, "train.lr=0.1") for x in ("--set", s)]
     res, flat = _cli("run", pt_cfg, *args)
-    assert res.exit_code != 0 and "alreadyholdscheckpoints" in flat and "--resume" in flat, res.output
+    assert res.exit_code == 2 and "alreadyholdscheckpoints" in flat and "--resume" in flat, res.output
     assert [r["step"] for r in _rows(out / "pt")] == [1]
     assert ckpt.latest_checkpoint(out / "pt") == out / "pt" / "checkpoints" / "step_000001"
 

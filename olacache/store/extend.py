@@ -32,8 +32,6 @@ def real_paths(paths: Sequence[str]) -> list[str]:
 
 def extend_store(store: EmbeddingStore, requested: Sequence[str]) -> tuple[int, int]:
     """Add every requested path that is not in the store yet. -> (images added, images already there)."""
-    if store.format != "zarr":
-        raise StoreError(f"{store.url}: --extend needs a zarr store (HDF5 datasets are created fixed-size)")
     store._check_writable()
     want = [normalize_image_path(p) for p in requested]
     have = store.image_paths

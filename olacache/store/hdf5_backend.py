@@ -6,11 +6,12 @@
   bool, str) or a non-empty list of numbers or of strings (``h5dump`` shows ``n_images`` as an integer); other
   values (dicts, None, mixed lists) hold their JSON text and are named in the object's ``olacache_json``
   attribute. Format 1 held JSON text for every key (no ``olacache_json`` attribute).
-- Format 2 numeric datasets use the fletcher32 checksum filter: a damaged chunk fails its read in HDF5
-  itself and is reported (CorruptChunk) instead of returned; reads of such datasets go through h5py.
+- Format 2 numeric datasets use the fletcher32 checksum filter: a damaged chunk fails its read (in h5py, or in
+  the raw reader, which verifies the same checksum) and is reported (CorruptChunk) instead of returned.
 - Targets are chunked (1, *shape) for big targets and (k, *shape) ~128 KiB for small ones (tiny chunks made
   HDF5 reads hundreds of times slower elsewhere). Chunks are uncompressed, so reads use the chunk byte offsets
-  HDF5 reports and pread them straight into the output batch; filtered datasets fall back to h5py.
+  HDF5 reports and pread them straight into the output batch (verifying fletcher32 where the dataset has it);
+  datasets with any other filter fall back to h5py.
 - Deleting a column (add_teacher(replace=True)) does not shrink the file; ``h5repack`` reclaims the space.
 - Not crash-proof the way zarr is: a writer killed mid-flush can corrupt HDF5 metadata. write_shard flushes
   the data before it writes status, so the completion-marker ordering holds at the file level.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,16 @@ import h5py
 import numpy as np
 
 from olacache.store.backend import Backend
+from olacache.store.checksums import fletcher32_ok
 from olacache.store.format import INDEX_PATH, StoreError, StoreLocked
-from olacache.store.pread import ReadPool, contiguous_runs, plan_runs, read_runs
+from olacache.store.pread import (
+    ReadPool,
+    contiguous_runs,
+    plan_checked_runs,
+    plan_runs,
+    read_checked_runs,
+    read_runs,
+)
 
 _INDEX_CHUNK_ROWS = 65536
 _STR = h5py.string_dtype("utf-8")
@@ -49,7 +60,15 @@ def _open_file(url: str, path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, locking="best-effort")
     except (OSError, BlockingIOError) as e:
         msg = str(e).lower()
-        if "lock" in msg or getattr(e, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+        if "truncated file" in msg:
+            raise StoreError(
+                f"{url}: the HDF5 file is truncated ({e}); it was cut short (a copy or a build that died "
+                "mid-write): copy it again, or rebuild the store"
+            ) from None
+        # a word, not a substring: a truncated file's message names "sblock->base_addr"
+        if re.search(r"\block", msg) or getattr(e, "errno", None) in (
+            errno.EAGAIN, errno.EWOULDBLOCK
+        ):
             raise StoreLocked(
                 f"{url}: the HDF5 file is held by another process (HDF5 stores allow one writer and no readers "
                 "while it writes; distributed builds need format='zarr'). Wait for that process or close it."
@@ -152,7 +171,9 @@ class Hdf5Backend(Backend):
         path.parent.mkdir(parents=True, exist_ok=True)
         f = _open_file(url, path, "w-")
         n = len(paths)
-        ds = f.create_dataset(INDEX_PATH, shape=(n,), dtype=_STR, chunks=(min(n, _INDEX_CHUNK_ROWS),))
+        # maxshape None along rows: the store can be extended later (--extend resizes every dataset)
+        ds = f.create_dataset(INDEX_PATH, shape=(n,), dtype=_STR, chunks=(max(1, min(n, _INDEX_CHUNK_ROWS)),),
+                              maxshape=(None,))
         ds[:] = np.array(paths, dtype=object)
         # Root attrs last, as in zarr: a half-created file has no format_version.
         write_attrs(f, attrs)
@@ -208,10 +229,45 @@ class Hdf5Backend(Backend):
             )
         # HDF5 rejects chunks larger than a fixed-size dataset.
         chunks = (min(chunk_rows, shape[0]), *shape[1:])
+        grow = (None, *shape[1:])  # extendable along rows (--extend)
         if dtype == "str":
-            self._f.create_dataset(path, shape=shape, dtype=_STR, chunks=chunks)
+            self._f.create_dataset(path, shape=shape, dtype=_STR, chunks=chunks, maxshape=grow)
         else:
-            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0, fletcher32=True)
+            self._f.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks, fillvalue=0, fletcher32=True,
+                                   maxshape=grow)
+
+    # ------------------------------------------------------------------ --extend (olacache.store.extend)
+
+    def _growable(self, path: str) -> h5py.Dataset:
+        ds = self._ds(path)
+        if ds.maxshape[0] is not None:
+            raise StoreError(
+                f"{self.url}: this HDF5 store was created with fixed-size datasets ({path!r}), so it cannot be "
+                "extended; build a new store for all the images (or use a zarr store, which always extends)"
+            )
+        return ds
+
+    def resize(self, path: str, n_rows: int) -> None:
+        ds = self._growable(path)
+        if ds.shape[0] != n_rows:
+            ds.resize(n_rows, axis=0)
+        r = self._readers.pop(path, None)
+        if r is not None:
+            r.close()
+
+    def write_index(self, paths: list[str]) -> None:
+        ds = self._growable(INDEX_PATH)
+        old = ds.shape[0]
+        if old != len(paths):
+            ds.resize(len(paths), axis=0)
+        start = min(old, len(paths))
+        if len(paths) > start:
+            ds[start:] = np.array(paths[start:], dtype=object)
+
+    def set_root_attrs(self, attrs: dict[str, Any]) -> None:
+        self._f.flush()  # everything the extension wrote reaches the file before its commit point
+        write_attrs(self._f, attrs)
+        self._f.flush()
 
     def _ds(self, path: str) -> h5py.Dataset:
         try:
@@ -243,6 +299,10 @@ class Hdf5Backend(Backend):
 
     def read_all(self, path: str) -> np.ndarray:
         ds = self._ds(path)
+        if path == INDEX_PATH:
+            # only the committed rows: an extension killed before its commit point left a longer index
+            n = int(read_attrs(self._f).get("n_images", ds.shape[0]))
+            return np.asarray(ds.asstr()[:n], dtype=object)
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.asarray(ds.asstr()[:], dtype=object)
         return ds[:]
@@ -323,18 +383,32 @@ class Hdf5Backend(Backend):
 
 
 class _H5RawReader:
-    """preads rows of an unfiltered chunked dataset at the chunk byte offsets HDF5 reports.
+    """preads rows of a chunked dataset, unfiltered, or fletcher32-only with one image per chunk, at the chunk
+    byte offsets HDF5 reports.
 
-    Offsets of allocated chunks are cached (HDF5 rewrites an unfiltered chunk in place, so they never move);
-    unallocated chunks are re-queried each time (they may be written later) and read as the fill value."""
+    Fletcher32 (format 2): each chunk is read whole with the 4-byte checksum HDF5 stored after it, and verified
+    (olacache.store.checksums.fletcher32, HDF5's algorithm vectorised) before its row counts as read; a chunk
+    that fails has its row reported, like h5py's read error. Kept instead of h5py only where it is clearly faster
+    warm on a local disk (bench/README.md "Store reads", same run each): one image per chunk, 1.48-1.49x h5py
+    for (576, 1024) fp16 images (two runs; 1.39-1.58x in two earlier ones; 1.35x at (256, 1024), 1.66x at
+    (64, 1024)); with 64 small images per chunk, (1, 1024), it ran at 0.35-0.52x h5py, so those datasets are
+    read through h5py.
 
-    def __init__(self, ds: h5py.Dataset, path: Path) -> None:
+    Offsets of allocated chunks are cached while the file is unchanged (its inode, mtime and size, checked by
+    ``fstat`` on every read: HDF5 may move a rewritten filtered chunk); unallocated chunks are re-queried each
+    time (they may be written later) and read as the fill value, or, for rows that must exist in a
+    checksummed dataset, reported as damaged."""
+
+    def __init__(self, ds: h5py.Dataset, path: Path, checked: bool) -> None:
         self._ds = ds
         self._path = path
+        self._checked = checked
         self.chunk_rows = int(ds.chunks[0])
         self.row_nbytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+        self._chunk_nbytes = self.chunk_rows * self.row_nbytes + (4 if checked else 0)
         n_chunks = -(-ds.shape[0] // self.chunk_rows)
-        self._off = np.full(n_chunks, -1, dtype=np.int64)  # -1: unknown or unallocated
+        self._off = np.full(n_chunks, -1, dtype=np.int64)  # -1: unknown or unallocated, -2: not as expected
+        self._key: tuple[int, int, int] | None = None
         self._fill = ds.fillvalue
         self._fd: int | None = None
 
@@ -342,27 +416,35 @@ class _H5RawReader:
     def for_dataset(cls, ds: h5py.Dataset, path: Path) -> _H5RawReader | None:
         if ds.chunks is None or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
             return None
-        if ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None:
-            return None
         if ds.dtype.kind not in "iuf" or ds.dtype.byteorder == ">" or ds.file.userblock_size:
             return None
-        if not hasattr(ds.id, "get_chunk_info_by_coord"):
+        if not hasattr(ds.id, "get_chunk_info_by_coord") or sys.byteorder != "little":
             return None
-        return cls(ds, path)
+        dcpl = ds.id.get_create_plist()
+        filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+        if filters not in ([], [h5py.h5z.FILTER_FLETCHER32]):
+            return None
+        if filters and int(ds.chunks[0]) != 1:
+            # several images per chunk (small targets, int8 scales): h5py is faster (its chunk cache verifies a
+            # chunk once and serves the chunk's other rows from memory): bench/README.md "Store reads"
+            return None
+        return cls(ds, path, checked=bool(filters))
 
     def _chunk_offsets(self, chunks: np.ndarray) -> np.ndarray:
         offs = self._off[chunks]
-        unknown = np.unique(chunks[offs < 0])
+        unknown = np.unique(chunks[offs == -1])
         if len(unknown):
-            expected = self.chunk_rows * self.row_nbytes
             zeros = (0,) * (self._ds.ndim - 1)
             for c in unknown.tolist():
                 info = self._ds.id.get_chunk_info_by_coord((c * self.chunk_rows, *zeros))
                 if info.byte_offset is None:
                     continue
-                if info.size != expected or info.filter_mask:
+                if info.size != self._chunk_nbytes or info.filter_mask:
+                    if self._checked:  # damaged metadata, or a chunk written without its checksum
+                        self._off[c] = -2
+                        continue
                     raise StoreError(
-                        f"{self._path}: chunk {c} of {self._ds.name} is not {expected} raw bytes"
+                        f"{self._path}: chunk {c} of {self._ds.name} is not {self._chunk_nbytes} raw bytes"
                     )
                 self._off[c] = info.byte_offset
             offs = self._off[chunks]
@@ -373,14 +455,26 @@ class _H5RawReader:
     ) -> np.ndarray:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
-        offs = self._chunk_offsets(rows // self.chunk_rows)
+        st = os.fstat(self._fd)
+        if self._key != (st.st_ino, st.st_mtime_ns, st.st_size):
+            self._off[:] = -1
+            self._key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        chunks = rows // self.chunk_rows
+        offs = self._chunk_offsets(chunks)
         present = offs >= 0
-        if not present.all():
-            out[dest[~present]] = self._fill
-        offsets = offs[present] + (rows[present] % self.chunk_rows) * self.row_nbytes
-        runs = plan_runs(self._fd, offsets, dest[present], self.row_nbytes)
-        read_runs(runs, out, self.row_nbytes, str(self._path), pool.get())
-        return np.zeros(0, dtype=np.int64)  # unfiltered (format 1) data carries no checksum to fail
+        bad = rows[(offs == -2) | ((offs == -1) & must_exist & self._checked)]
+        out[dest[offs == -2]] = 0
+        out[dest[offs == -1]] = 0 if must_exist and self._checked else self._fill
+        if not self._checked:
+            offsets = offs[present] + (rows[present] % self.chunk_rows) * self.row_nbytes
+            runs = plan_runs(self._fd, offsets, dest[present], self.row_nbytes)
+            read_runs(runs, out, self.row_nbytes, str(self._path), pool.get())
+            return np.zeros(0, dtype=np.int64)  # unfiltered (format 1) data carries no checksum to fail
+        runs = plan_checked_runs(self._fd, offs[present], chunks[present] * self.chunk_rows,
+                                 rows[present] % self.chunk_rows, dest[present], self._chunk_nbytes)
+        failed = read_checked_runs(runs, out, self.row_nbytes, self.chunk_rows, fletcher32_ok, str(self._path),
+                                   pool.get())
+        return np.union1d(bad, np.asarray(failed, dtype=np.int64)).astype(np.int64)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -14,17 +14,10 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
+from olacache.store.checksums import _crc32c_value as _crc32c
+from olacache.store.checksums import crc32c_ok
 from olacache.store.format import CorruptChunk
-from olacache.store.pread import _IOV_MAX, ReadPool, Run, plan_runs, read_runs
-
-try:  # zarr >= 3.1 checksums shard indexes with google-crc32c; 3.0 used the `crc32c` package
-    from google_crc32c import value as _crc32c
-except ImportError:  # pragma: no cover - depends on the installed zarr
-    try:
-        from crc32c import crc32c as _crc32c
-    except ImportError:
-        _crc32c = None  # no checksum function: LocalShardedReader stays off, zarr verifies instead
-
+from olacache.store.pread import ReadPool, Run, plan_checked_runs, plan_runs, read_checked_runs, read_runs
 
 _MAX_U64 = np.uint64(2**64 - 1)
 
@@ -69,14 +62,6 @@ def sharded_layout(arr: zarr.Array) -> tuple[int, int, bool, bool] | None:
     return shard_shape[0], chunk_shape[0], sc.index_location == ShardingCodecIndexLocation.end, len(inner) == 2
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view: google-crc32c's C function accepts a read-only buffer (not a writable one) and a copy
-    to ``bytes`` halved the checksummed read rate (bench/README.md, "Checksums")."""
-    v = a.reshape(-1).view(np.uint8)
-    v.flags.writeable = False
-    return v
-
-
 def inner_crc(arr: zarr.Array) -> bool:
     """A format-2 sharded array: inner chunks carry crc32c and are all written (a missing one is damage)."""
     codecs = arr.metadata.codecs
@@ -98,9 +83,11 @@ class LocalShardedReader:
     returned). Format-1 arrays (no inner checksum) read missing shards/chunks as the fill value like zarr.
 
     Kept instead of a library codec pipeline because it is clearly faster warm on a local disk: bench/README.md
-    "Store reads" (same run, ratio to memmap: this reader 0.93, zarr-python 0.13); a side-by-side run reported in
-    issue 10 put zarr-python + zarrs at 0.39 and tensorstore at 0.24 (not re-measured in this repository's bench).
-    Its crc32c cost (format 2) is in bench/README.md ("Store format 2")."""
+    "Store reads" (format 2, crc32c checked, two runs, same run each: 4.6-4.9x zarr-python's read_rows; ratio to
+    memmap 0.64-0.66 vs zarr-python 0.14); a side-by-side run reported in issue 10 put zarr-python + zarrs at
+    0.39 and tensorstore at 0.24 (not re-measured in this repository's bench). Its crc32c costs 20-38% of the
+    read rate (with / without checksums 0.62-0.80 in seven runs): the checksum's own compute, see bench/README.md
+    "What makes the reads fast"."""
 
     def __init__(
         self, array_dir: Path, arr: zarr.Array, shard_rows: int, chunk_rows: int, index_at_end: bool,
@@ -236,65 +223,13 @@ class LocalShardedReader:
         return np.asarray(sorted(bad), dtype=np.int64)
 
     # ---------------------------------------------------------------- format 2: checksummed inner chunks
-    # A checked run: (fd, file offset, [(first global row of the chunk, chunk index, rows in chunk, out slots)]).
     def _checked_runs(
         self, fd: int, shard: int, starts: np.ndarray, local: np.ndarray, dest: np.ndarray
     ) -> list[Any]:
-        """Group the needed inner chunks (each read whole, with its 4-byte crc) into runs of adjacent chunks."""
+        """The needed inner chunks (each read whole, with its 4-byte crc), as runs of adjacent chunks."""
         chunk = local // self.chunk_rows
-        uniq, first = np.unique(chunk, return_index=True)
-        offs = starts[first]
-        order = np.argsort(offs, kind="stable")
-        uniq, offs = uniq[order], offs[order]
-        runs: list[Any] = []
-        cur: list[Any] = []
-        cur_off = prev_end = -1
-        for k, off in zip(uniq.tolist(), offs.tolist(), strict=True):
-            sel = chunk == k
-            item = (shard * self.shard_rows + k * self.chunk_rows, k, local[sel] % self.chunk_rows, dest[sel])
-            if cur and off == prev_end and len(cur) < _IOV_MAX // 2:
-                cur.append(item)
-            else:
-                if cur:
-                    runs.append((fd, cur_off, cur))
-                cur, cur_off = [item], off
-            prev_end = off + self._chunk_nbytes
-        if cur:
-            runs.append((fd, cur_off, cur))
-        return runs
+        return plan_checked_runs(fd, starts, shard * self.shard_rows + chunk * self.chunk_rows,
+                                 local % self.chunk_rows, dest, self._chunk_nbytes)
 
     def _read_checked(self, runs: list[Any], out: np.ndarray, pool: Any) -> list[int]:
-        flat = out.reshape(out.shape[0], -1)
-        flat_u8 = flat.view(np.uint8)
-        rn, cn = self.row_nbytes, self._chunk_nbytes
-        direct = self.chunk_rows == 1  # big targets: the row IS the chunk; read it straight into the batch
-
-        def one(run: Any) -> list[int]:
-            fd, offset, items = run
-            crcs = np.empty((len(items), 4), dtype=np.uint8)
-            if direct:
-                bufs: list[Any] = []
-                for j, (_g, _k, _rows, dst) in enumerate(items):
-                    bufs += [memoryview(flat[int(dst[0])]).cast("B"), memoryview(crcs[j])]
-            else:
-                tmp = np.empty((len(items), cn), dtype=np.uint8)
-                bufs = [memoryview(tmp)]
-            got = os.preadv(fd, bufs, offset)
-            bad_local: list[int] = []
-            for j, (g0, _k, in_chunk, dst) in enumerate(items):
-                if direct:
-                    body = flat[int(dst[0])]
-                    stored = crcs[j].tobytes()
-                else:
-                    body = tmp[j, :-4]
-                    stored = tmp[j, -4:].tobytes()
-                ok = got >= (j + 1) * cn and np.uint32(_crc32c(_readonly(body))).tobytes() == stored
-                if not ok:
-                    out[dst] = 0
-                    bad_local += (g0 + in_chunk).tolist()
-                elif not direct:
-                    flat_u8[dst] = body.reshape(self.chunk_rows, rn)[in_chunk]
-            return bad_local
-
-        results = [one(r) for r in runs] if pool is None or len(runs) <= 1 else list(pool.map(one, runs))
-        return [x for r in results for x in r]
+        return read_checked_runs(runs, out, self.row_nbytes, self.chunk_rows, crc32c_ok, str(self._dir), pool)

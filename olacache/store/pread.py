@@ -1,13 +1,15 @@
 """Batched row reads: sort/deduplicate a request, coalesce adjacent rows, and pread them straight into the batch.
 
 Used by both backends' raw readers (local, uncompressed layouts, where the bytes of row ``r`` sit at a known
-offset) and by the library fallbacks (one read per contiguous run of rows).
+offset) and by the library fallbacks (one read per contiguous run of rows). Checksummed layouts (zarr's crc32c
+codec inside the sharding codec, HDF5's fletcher32 filter: a chunk's body followed by a 4-byte checksum) read
+whole chunks and verify each before any of its bytes count as read (``plan_checked_runs``/``read_checked_runs``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,3 +131,91 @@ class ReadPool:
         if self._pool is not None and self._pid == os.getpid():
             self._pool.shutdown(wait=False)
         self._pool = None
+
+
+# A checked run: (fd, file offset, chunks) — whole chunks lying back to back in the file from that offset, each
+# its body then a 4-byte checksum. A chunk: (its first row, the wanted rows' indexes within it, their out slots).
+CheckedRun = tuple[int, int, list[tuple[int, np.ndarray, np.ndarray]]]
+
+
+def plan_checked_runs(
+    fd: int, chunk_off: np.ndarray, row0: np.ndarray, in_chunk: np.ndarray, dest: np.ndarray, chunk_nbytes: int
+) -> list[CheckedRun]:
+    """Group the chunks that hold the wanted rows into runs of chunks adjacent in the file (one preadv each).
+    Per wanted row: its chunk's file offset, the chunk's first row, the row's index within the chunk, its out
+    slot. Each chunk is read (and verified) once however many of its rows are wanted."""
+    if len(chunk_off) == 0:
+        return []
+    order = np.argsort(chunk_off, kind="stable")
+    off, r0, ic, ds = chunk_off[order], row0[order], in_chunk[order], dest[order]
+    cuts = [0, *(np.nonzero(np.diff(off))[0] + 1).tolist(), len(off)]
+    runs: list[CheckedRun] = []
+    cur: list[tuple[int, np.ndarray, np.ndarray]] = []
+    cur_off = prev_end = -1
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        o = int(off[a])
+        item = (int(r0[a]), ic[a:b], ds[a:b])
+        if cur and o == prev_end and len(cur) < _IOV_MAX // 2:  # two iovecs per chunk on the direct path
+            cur.append(item)
+        else:
+            if cur:
+                runs.append((fd, cur_off, cur))
+            cur, cur_off = [item], o
+        prev_end = o + chunk_nbytes
+    if cur:
+        runs.append((fd, cur_off, cur))
+    return runs
+
+
+def read_checked_runs(
+    runs: Sequence[CheckedRun],
+    out: np.ndarray,
+    row_nbytes: int,
+    chunk_rows: int,
+    check: Callable[[np.ndarray, bytes], bool],
+    what: str,
+    pool: Any = None,
+) -> list[int]:
+    """Execute checked runs: one preadv per run, then ``check(body, stored 4 bytes)`` per chunk. A chunk of one
+    row is read straight into its out slot (its checksum into a side buffer), so a good row costs no copy; a
+    bigger chunk is read into a scratch buffer and its wanted rows are copied out once it passed. A chunk that
+    fails (or is cut short: a truncated file) has its wanted slots zeroed. -> its wanted rows (never data).
+    With a thread pool, runs are read and checked concurrently (preadv and numpy's fletcher32 release the GIL;
+    google-crc32c holds it)."""
+    if not runs:
+        return []
+    flat = out.reshape(out.shape[0], -1)  # a view; rows of 1-D arrays become 1-element vectors
+    if not out.flags.c_contiguous or flat.strides[0] != row_nbytes:
+        raise AssertionError(f"{what}: output rows are not {row_nbytes} contiguous bytes")
+    flat_u8 = flat.view(np.uint8)
+    cn = chunk_rows * row_nbytes + 4
+    direct = chunk_rows == 1
+
+    def one(run: CheckedRun) -> list[int]:
+        fd, offset, items = run
+        sums = np.empty((len(items), 4), dtype=np.uint8)
+        if direct:
+            bufs: list[Any] = []
+            for j, (_r0, _ic, dst) in enumerate(items):
+                bufs += [memoryview(flat_u8[int(dst[0])]), memoryview(sums[j])]
+        else:
+            tmp = np.empty((len(items), cn), dtype=np.uint8)
+            bufs = [memoryview(tmp)]
+        got = os.preadv(fd, bufs, offset)
+        bad: list[int] = []
+        for j, (r0, in_chunk, dst) in enumerate(items):
+            if direct:
+                body, stored = flat_u8[int(dst[0])], sums[j].tobytes()
+            else:
+                body, stored = tmp[j, :-4], tmp[j, -4:].tobytes()
+            if got < (j + 1) * cn or not check(body, stored):
+                flat_u8[dst] = 0
+                bad += (r0 + in_chunk).tolist()
+            elif not direct:
+                flat_u8[dst] = body.reshape(chunk_rows, row_nbytes)[in_chunk]
+            elif len(dst) > 1:  # the same row wanted twice (callers deduplicate; never leave a slot unread)
+                flat_u8[dst[1:]] = body
+        return bad
+
+    results = [one(r) for r in runs] if pool is None or len(runs) <= 1 else list(pool.map(one, runs))
+    return [x for r in results for x in r]

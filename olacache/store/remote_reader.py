@@ -19,8 +19,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from olacache.store.checksums import crc32c_ok
 from olacache.store.chunk_cache import ChunkCache
-from olacache.store.local_reader import _MAX_U64, _crc32c, _readonly, sharded_layout
+from olacache.store.local_reader import _MAX_U64, sharded_layout
 
 _MAX_RANGE = 16 << 20  # coalesce adjacent chunks up to this many bytes per request
 _MISSING, _CORRUPT = "missing", "corrupt"
@@ -78,7 +79,7 @@ class RemoteShardedReader:
         if not self._crc:
             return chunk_bytes
         body, stored = chunk_bytes[:-4], chunk_bytes[-4:].tobytes()
-        return body if np.uint32(_crc32c(_readonly(body))).tobytes() == stored else None
+        return body if crc32c_ok(body, stored) else None
 
     async def _fetch_index(self, shard: int) -> Any:
         try:
@@ -86,7 +87,7 @@ class RemoteShardedReader:
         except FileNotFoundError:
             return _MISSING
         body, crc = raw[:-4], raw[-4:]
-        if len(raw) != self._index_nbytes or np.uint32(_crc32c(bytes(body))).tobytes() != crc:
+        if len(raw) != self._index_nbytes or not crc32c_ok(np.frombuffer(body, dtype=np.uint8), bytes(crc)):
             return _CORRUPT
         idx = np.frombuffer(body, dtype="<u8").reshape(self._n_inner, 2)
         present = idx[:, 0] != _MAX_U64

@@ -283,10 +283,23 @@ class ConversationDataset(Dataset):
         try:
             return self.reader.fetch(paths)
         except (StoreError, OSError) as e:
-            raise DataError(
+            raise DataError(self._replaced_column() or (
                 f"cannot read targets from store {getattr(self.reader, 'url', '?')} ({' '.join(str(e).split())}); "
                 f"check it with `olacache verify`"
-            ) from None
+            )) from None
+
+    def _replaced_column(self) -> str | None:
+        """The reader's one line if a column it reads was replaced under this run (``--overwrite-teacher``):
+        that explains any read error, and `olacache verify` would find nothing wrong with the new column."""
+        from olacache.store import StoreError
+
+        check = getattr(self.reader, "check_generation", None)  # any reader with fetch() will do here
+        try:
+            if check is not None:
+                check(force=True)
+        except StoreError as e:
+            return " ".join(str(e).split())
+        return None
 
     def _item_or_replacement(self, i: int, skipped: list[dict[str, Any]]) -> dict[str, Any]:
         """Active sample ``i``, or under ``data.bad_images=skip``, when its image cannot be used, the next
