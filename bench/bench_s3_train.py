@@ -19,7 +19,7 @@ default; without it, the runs are what the code does (no read-ahead) and the tab
 4. how many sequential round trips a TargetReader open and a batch fetch cost at +RTT (read-ahead 0).
 
     .venv/bin/python bench/bench_s3_train.py            # 22-26 min on the 2-vCPU dev VM at load 2-6
-    .venv/bin/python bench/bench_s3_train.py --quick    # a smoke test: fewer images, steps and rounds
+    .venv/bin/python bench/bench_s3_train.py --quick    # smoke test, 5 min: fewer images, steps, rounds
 """
 
 from __future__ import annotations
