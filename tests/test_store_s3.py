@@ -182,14 +182,16 @@ def test_remote_reader_equals_zarr_api(s3, dtype):
             assert type(fast._b._readers[f"{name}/target"]).__name__ == "RemoteShardedReader"
 
 
-def _cache_store(url: str, n: int = 21, seed: int = 5) -> np.ndarray:
+def _cache_store(url: str, n: int = 21, seed: int = 5, teachers: tuple[str, ...] = ("t",)) -> np.ndarray:
+    """Teacher ``teachers[k]`` holds ``v + k``."""
     paths = [f"c/{i:03d}.jpg" for i in range(n)]
     v = np.random.default_rng(seed).standard_normal((n, 4, 512), dtype=np.float32).astype(np.float16)
     with EmbeddingStore.create(url, paths, shard_size=8) as s:
-        s.add_teacher("t", (4, 512))
-        for k in range(s.n_shards):
-            r = s.shard_rows(k)
-            s.write_shard("t", k, v[r.start:r.stop], np.full(len(r), OK, np.uint8), [""] * len(r))
+        for j, t in enumerate(teachers):
+            s.add_teacher(t, (4, 512))
+            for k in range(s.n_shards):
+                r = s.shard_rows(k)
+                s.write_shard(t, k, v[r.start:r.stop] + j, np.full(len(r), OK, np.uint8), [""] * len(r))
     return v
 
 
@@ -263,7 +265,7 @@ def test_readahead_on_s3_returns_what_a_plain_read_returns(s3):
     """TargetReader.prefetch reads in the background; fetch of the same paths takes that result (equal to a
     plain read), other paths are read directly, and at most readahead + 1 reads are kept."""
     url = f"s3://{BUCKET}/ahead.zarr"
-    v = _cache_store(url, seed=9)
+    v = _cache_store(url, seed=9, teachers=("t", "u"))  # two teachers: their reads go out together
     paths = [f"c/{i:03d}.jpg" for i in range(21)]
     r = TargetReader(url)
     assert r.is_remote and r.readahead == 2  # the default for object storage
@@ -275,7 +277,8 @@ def test_readahead_on_s3_returns_what_a_plain_read_returns(s3):
         got, ok = r.fetch(b)
         rows = [paths.index(p) for p in b]
         np.testing.assert_array_equal(got["t"].numpy(), v[rows])
-        assert bool(ok["t"].all())
+        np.testing.assert_array_equal(got["u"].numpy(), v[rows] + 1)
+        assert bool(ok["t"].all()) and bool(ok["u"].all())
     assert not r._ahead
     r.close()
 

@@ -87,6 +87,7 @@ class TargetReader:
         # read-ahead: batch (its paths) -> the background read of it; threads do not survive a fork
         self._ahead: OrderedDict[tuple[str | None, ...], Future[Any]] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
+        self._teacher_pool: ThreadPoolExecutor | None = None  # remote stores: the teachers of a batch at once
         self.readahead_stats = {"started": 0, "used": 0, "direct": 0}  # this process's reads, by kind
         # local backends' raw readers were not written for concurrent use: their reads take turns
         self._lock = threading.Lock()
@@ -94,7 +95,7 @@ class TargetReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for k in ("_pid", "_store", "_row_of", "_ok", "_checked_at", "_reported", "_ahead", "_pool", "_lock",
-                  "readahead_stats"):
+                  "readahead_stats", "_teacher_pool"):
             state.pop(k, None)
         return state
 
@@ -117,8 +118,9 @@ class TargetReader:
 
     def close(self) -> None:
         if self._store is not None and self._pid == os.getpid():
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            for pool in (self._pool, self._teacher_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             self._store.close()
         self._reset()
 
@@ -233,28 +235,38 @@ class TargetReader:
         store = self._store_()
         self.check_generation()
         rows = self.rows_for(paths)
-        targets: dict[str, torch.Tensor] = {}
-        oks: dict[str, torch.Tensor] = {}
-        have = rows >= 0
-        for t in self._teachers:
-            ok = np.zeros(len(rows), dtype=bool)
-            ok[have] = self._ok_mask(t)[rows[have]]
-            idx = np.nonzero(ok)[0]
-            tensor, out = _new_batch((len(rows), *self._shapes[t]))
-            if len(idx) < len(rows):
-                out[~ok] = 0
-            bad = store._read_into(t, rows[idx], out, idx, must_exist=True)
-            if len(bad):
-                hit = np.isin(rows, bad) & ok
-                ok[hit] = False
-                out[hit] = 0
-                new = sorted({int(r) // store.shard_size for r in bad} - {s for (tt, s) in self._reported if tt == t})
-                if new:
-                    self._reported.update((t, s) for s in new)
-                    log.warning("%s (treated as failed targets)", store.describe_bad_rows(t, bad))
-            targets[t] = tensor
-            oks[t] = torch.from_numpy(ok)
+        if self.is_remote and len(self._teachers) > 1:
+            # object storage: the teachers' reads go out together (one round trip set, not one per teacher)
+            with self._lock:  # read-ahead threads may get here together (the lock is free on remote stores)
+                if self._teacher_pool is None:
+                    self._teacher_pool = ThreadPoolExecutor(len(self._teachers),
+                                                            thread_name_prefix="olacache-teacher")
+            done = list(self._teacher_pool.map(lambda t: self._read_teacher(store, t, rows), self._teachers))
+        else:
+            done = [self._read_teacher(store, t, rows) for t in self._teachers]
+        targets = {t: tensor for t, (tensor, _ok) in zip(self._teachers, done, strict=True)}
+        oks = {t: torch.from_numpy(ok) for t, (_tensor, ok) in zip(self._teachers, done, strict=True)}
         return targets, oks
+
+    def _read_teacher(self, store: EmbeddingStore, t: str, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """One teacher's rows -> (float16 batch, ok mask); damaged rows are zeroed, masked and logged."""
+        have = rows >= 0
+        ok = np.zeros(len(rows), dtype=bool)
+        ok[have] = self._ok_mask(t)[rows[have]]
+        idx = np.nonzero(ok)[0]
+        tensor, out = _new_batch((len(rows), *self._shapes[t]))
+        if len(idx) < len(rows):
+            out[~ok] = 0
+        bad = store._read_into(t, rows[idx], out, idx, must_exist=True)
+        if len(bad):
+            hit = np.isin(rows, bad) & ok
+            ok[hit] = False
+            out[hit] = 0
+            new = sorted({int(r) // store.shard_size for r in bad} - {s for (tt, s) in self._reported if tt == t})
+            if new:
+                self._reported.update((t, s) for s in new)
+                log.warning("%s (treated as failed targets)", store.describe_bad_rows(t, bad))
+        return tensor, ok
 
 
 def _new_batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray]:
