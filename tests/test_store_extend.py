@@ -5,14 +5,11 @@ build of the union."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT, kill_build_when
+from conftest import EXAMPLES, kill_build_when, olacache_cli
 
 from olacache.store import EmbeddingStore, TargetReader
 from olacache.store.format import PAD
@@ -21,10 +18,7 @@ from olacache.verify import verify_store
 TEACHERS = "depth,gen"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "olacache", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+_cli = olacache_cli
 
 
 def _split(tmp: Path) -> tuple[Path, Path, Path]:

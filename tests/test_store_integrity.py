@@ -5,15 +5,13 @@ plus the next build recompute exactly the damaged shards. A column replaced unde
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, olacache_cli
 
 from olacache.store import FAILED, MISSING, OK, EmbeddingStore, StoreError, TargetReader
 from olacache.store.format import CorruptChunk
@@ -48,9 +46,7 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "olacache", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return olacache_cli(*args, timeout=300)
 
 
 @pytest.mark.parametrize("col", ["big", "small"])

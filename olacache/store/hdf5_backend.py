@@ -341,18 +341,8 @@ class Hdf5Backend(Backend):
         except Exception as e:
             return [f"{path}: {e}"]
         lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, ds.shape[0])
-        scratch = np.empty((hi - lo, *ds.shape[1:]), dtype=ds.dtype)
-        try:
-            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
-        except Exception as e:
-            return [f"{path} shard {shard} (rows {lo}-{hi - 1}): unreadable ({type(e).__name__}: {e})"]
-        if len(bad):
-            c = int(ds.chunks[0])
-            return [f"{path} shard {shard}: chunk rows {k * c}-{min(k * c + c, ds.shape[0]) - 1} fails its "
-                    "fletcher32 checksum" for k in sorted({int(r) // c for r in bad})]
-        if keep is not None:
-            keep.append(scratch)
-        return []
+        where = f"{path} shard {shard} (rows {lo}-{hi - 1})"
+        return self._check_shard_values(path, ds, lo, hi, where, "fletcher32 checksum", keep)
 
     def nbytes(self, column: str | None) -> int:
         if column is None:

@@ -106,15 +106,19 @@ class RemoteShardedReader:
         for g in np.unique(gid).tolist():
             sel = gid == g
             wanted[divmod(int(g), self._n_inner)] = (rows[sel] % self.chunk_rows, dest[sel])
+        keys: dict[tuple[int, int], str] = {}  # cache entry names of the chunks still to fetch
         if self._cache is not None:
             for (s, k), (in_chunk, d) in list(wanted.items()):
                 key = self._cache_key(s, k)
                 blob = None if key is None else self._cache.get(key)
                 if blob is None:
+                    if key is not None:
+                        keys[(s, k)] = key
                     continue
                 body = self._checked(np.frombuffer(blob, dtype=np.uint8))
                 if body is None:  # a damaged entry: forget it and fetch the chunk again
                     self._cache.drop(key)
+                    keys[(s, k)] = key
                     continue
                 flat[d] = body.reshape(self.chunk_rows, self.row_nbytes)[in_chunk]
                 del wanted[(s, k)]
@@ -159,7 +163,6 @@ class RemoteShardedReader:
                         out[d] = 0
                         continue
                     flat[d] = body.reshape(self.chunk_rows, self.row_nbytes)[in_chunk]
-                    ckey = self._cache_key(s, k)
-                    if ckey is not None:
-                        self._cache.put(ckey, chunk_bytes.data)
+                    if (s, k) in keys:
+                        self._cache.put(keys[(s, k)], chunk_bytes.data)
         return np.asarray(sorted(bad), dtype=np.int64)

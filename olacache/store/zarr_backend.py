@@ -389,19 +389,7 @@ class ZarrBackend(Backend):
                 return [f"{where}: shard file {full_key} is missing"]
         except Exception as e:
             return [f"{where}: cannot check shard file {full_key}: {type(e).__name__}: {e}"]
-        scratch = np.empty((hi - lo, *arr.shape[1:]), dtype=arr.dtype)
-        try:
-            bad = self._library_read_into(path, np.arange(lo, hi), scratch, np.arange(hi - lo))
-        except Exception as e:
-            return [f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
-        if len(bad):
-            c = int(arr.chunks[0])
-            chunks = sorted({int(r) // c for r in bad})
-            return [f"{where}: inner chunk rows {k * c}-{min(k * c + c, arr.shape[0]) - 1} fails its crc32c"
-                    for k in chunks]
-        if keep is not None:
-            keep.append(scratch)
-        return []
+        return self._check_shard_values(path, arr, lo, hi, where, "crc32c", keep)
 
     def nbytes(self, column: str | None) -> int:
         if self._local is not None:
