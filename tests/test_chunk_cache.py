@@ -60,3 +60,15 @@ def test_parse_size():
             parse_size(bad)
     with pytest.raises(ValueError):
         ChunkCache("/tmp/x", 0)
+
+
+def test_an_unwritable_cache_directory_is_refused(tmp_path):
+    from olacache.store import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="data.store_cache") as e:
+        ChunkCache(blocker / "cache", 10**6).require_writable()
+    assert str(blocker / "cache") in str(e.value)
+    ChunkCache(tmp_path / "new" / "cache", 10**6).require_writable()  # made when missing
+    assert (tmp_path / "new" / "cache").is_dir() and not any((tmp_path / "new" / "cache").iterdir())

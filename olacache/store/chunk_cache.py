@@ -40,6 +40,20 @@ class ChunkCache:
         self._added = 0  # bytes this process wrote since then
         self.hits = self.misses = 0
 
+    def require_writable(self) -> None:
+        """Raise StoreError unless the directory exists (or can be made) and takes files: once training runs,
+        a failed cache write is ignored (the cache is optional), so a wrong directory is refused up front."""
+        from olacache.store.format import StoreError
+
+        probe = self.root / f"{_TMP}{os.getpid()}-probe"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"chunk cache directory {self.root}: cannot write there ({e.strerror or e}); set "
+                             "data.store_cache to a writable local directory, or leave it unset") from None
+
     @staticmethod
     def key(store_url: str, array: str, generation: object, shard: int, digest: int, chunk: int) -> str:
         """The entry name of one inner chunk: <store hash>/<array>/<shard>/<generation>-<digest>-<chunk>."""

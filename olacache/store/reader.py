@@ -64,6 +64,8 @@ class TargetReader:
         # starts. The handles this opens are dropped on fork/pickle.
         store = self._store_()
         self.is_remote = store.is_remote
+        if self.cache_dir is not None and self.is_remote:
+            ChunkCache(self.cache_dir, self.cache_bytes).require_writable()
         self.readahead = (2 if self.is_remote else 0) if readahead is None else int(readahead)
         available = store.teachers
         if self._requested is None:
